@@ -34,17 +34,17 @@ def activation(name: str):
 class Unpadder:
     """Index bookkeeping between the padded (B, T) layout and the packed (N,) real tokens."""
 
-    def __init__(self, attention_mask: torch.Tensor | None, batch: int, seq: int, device: torch.device):
+    def __init__(self, attention_mask: torch.Tensor | None, batch: int, seq: int, device: torch.device,
+                 enabled: bool = True):
         self.batch, self.seq = batch, seq
-        if attention_mask is None or bool(attention_mask.all()):
-            self.index = None  # nothing to remove: the packed layout is the flat padded one
-            self.key_mask = None
-            self.num_tokens = batch * seq
-        else:
+        self.index = self.key_mask = None  # index None: the packed layout is the flat padded one
+        self.num_tokens = batch * seq
+        if attention_mask is not None and not bool(attention_mask.all()):
             keep = attention_mask.to(device=device, dtype=torch.bool)
-            self.index = keep.flatten().nonzero().squeeze(1)  # (N,)
             self.key_mask = keep[:, None, None, :]  # (B, 1, 1, T): True = may attend
-            self.num_tokens = int(self.index.numel())
+            if enabled:  # disabled only to measure what unpadding buys (benchmarks/encoder_step.py)
+                self.index = keep.flatten().nonzero().squeeze(1)  # (N,)
+                self.num_tokens = int(self.index.numel())
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) -> (N, ...)"""
@@ -153,6 +153,7 @@ class Encoder(nn.Module):
         self.embeddings = Embeddings(config)
         self.stack = TransformerStack(config)
         self.pooler = Pooler(config.hidden_size) if add_pooler else None
+        self.unpad = True  # drop padding before the layers; same math either way
         init_weights(self, config.initializer_range)
 
     def forward(
@@ -162,7 +163,7 @@ class Encoder(nn.Module):
         token_type_ids: torch.Tensor | None = None,  # (B, T) segment 0 / 1
     ) -> torch.Tensor:
         B, T = input_ids.shape
-        unpad = Unpadder(attention_mask, B, T, input_ids.device)
+        unpad = Unpadder(attention_mask, B, T, input_ids.device, self.unpad)
         x = self.embeddings(input_ids, token_type_ids, unpad)  # (N, H)
         return unpad.unpack(self.stack(x, unpad))  # (B, T, H)
 

@@ -38,11 +38,14 @@ class MLMObjective(Objective):
     def __init__(self, config: EncoderConfig, word_embeddings: nn.Embedding):
         super().__init__()
         self.head = MLMHead(config, word_embeddings)
+        self.sparse = True  # logits only where predicted; False (dense, as HF) only to measure it
 
-    def predict(self, hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module | None = None) -> ObjectiveOutput:
+    def predict(self, hidden: torch.Tensor, labels: torch.Tensor) -> ObjectiveOutput:
         """hidden (B, T, h), labels (B, T) -> loss over the positions whose label is not -100."""
         where = labels != -100
-        logits = (head or self.head)(hidden[where])  # (M, V)
+        if not self.sparse:
+            return classification_output(self.head(hidden)[where], labels[where])
+        logits = self.head(hidden[where])  # (M, V)
         return classification_output(logits, labels[where])
 
     def forward(self, hidden: torch.Tensor, pooled: torch.Tensor, batch: dict) -> ObjectiveOutput:
