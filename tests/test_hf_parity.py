@@ -185,3 +185,21 @@ def test_minilm_round_trip_with_tokenizer(tmp_path):
         a = ours.objectives["mlm"].head(ours.encoder(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]))
         b = hf(**enc).logits
     assert _close(a, b) <= TOL
+
+
+def test_import_electra_discriminator_from_transformers(tmp_path):
+    kw = {k: v for k, v in CFG.to_hf_dict().items() if k not in ("model_type", "position_embedding_type")}
+    hf_cfg = transformers.ElectraConfig(**kw, embedding_size=CFG.hidden_size)
+    torch.manual_seed(0)
+    hf = transformers.ElectraForPreTraining(hf_cfg).eval()
+    _perturb(hf, 13)
+    hf.save_pretrained(str(tmp_path / "hf"))
+    ours = load_pretrained(tmp_path / "hf").eval()
+    assert set(ours.weights) == {"rtd", "mlm"}
+    # the discriminator is complete; the generator (not in ElectraForPreTraining) starts fresh
+    assert all(k.startswith(("objectives.rtd.generator.", "encoder.pooler.")) for k in ours.load_report["fresh"])
+    ids, mask, types = _batch(CFG.vocab_size, 4)
+    with torch.no_grad():
+        a = ours.objectives["rtd"].head(ours.encoder(ids, mask, types))
+        b = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    assert _close(a, b, mask) <= TOL
