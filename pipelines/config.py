@@ -31,24 +31,24 @@ class DataConfig:
     inputs: tuple[str, ...] = ("bbc",)  # "bbc", "20ng", folders / files / s3:// URIs of .txt, .jsonl, .parquet
     output: str = "runs/data"  # the shard folder (manifest.json marks it complete)
     task: str = "nsp"  # nsp | sop | shuffle | mlm: one task per shard set
-    max_seq_len: int = 128
+    max_seq_len: int = 128  # tokens per example, [CLS] and [SEP]s included
     short_seq_prob: float = 0.1  # chance of a shorter random target length, per document
     dupe_factor: int = 1  # passes over the corpus, each with different randomness
-    seed: int = 12345
+    seed: int = 12345  # same seed + same inputs = byte-identical shards
     tokenizer: str = "train"  # "train", or a vocab.txt / tokenizer.json / folder holding one
     vocab_size: int = 8192  # when training (30522 for BERT-size)
     min_frequency: int = 2  # when training
     lowercase: bool = True  # when training, or loading a bare vocab.txt
     masking: str = "dynamic"  # dynamic: drawn by the collator each epoch; static: written in the shards
-    mask_prob: float = 0.15
-    max_predictions_per_seq: int = 20
-    whole_word_masking: bool = False
+    mask_prob: float = 0.15  # share of maskable tokens predicted (80% [MASK], 10% random, 10% kept)
+    max_predictions_per_seq: int = 20  # cap on masked positions per example
+    whole_word_masking: bool = False  # mask every piece of a chosen word together
     text_column: str = "text"  # JSONL field / Parquet column holding a document
     encoding_fallback: str = "cp1252"  # for files that are not UTF-8; "" skips them instead
     max_document_bytes: int = 8 * 1024 * 1024  # larger documents are skipped (too_large), not read
     shard_bytes: int = 1024 * 1024  # input bytes per work unit; one unit = one output shard
     replicate: int = 1  # read the inputs N times (benchmarks: corpus growth); copies get own randomness
-    num_workers: int = 0  # Ray actors per stage; 0 = the cluster's CPUs
+    num_workers: int = 0  # Ray tasks at once; 0 = the cluster's CPUs
     num_blocks: int = 0  # Ray blocks for the unit list; 0 = one per unit (output never depends on it)
     cache_dir: str = ""  # where bundled corpora are unpacked; "" = ~/.cache/cloze
 

@@ -35,6 +35,7 @@ from .text import EMPTY, TOO_LARGE, UNREADABLE, decode_document
 TXT, JSONL, PARQUET = "txt", "jsonl", "parquet"
 EXTENSIONS = {".txt": TXT, ".jsonl": JSONL, ".parquet": PARQUET}
 UNSUPPORTED = "unsupported_type"  # a file in an input folder with another extension
+MIN_DOCS_PER_UNIT = 16  # .txt units: NSP draws a random B from the unit's other documents
 
 
 class InputError(FileNotFoundError):
@@ -208,8 +209,8 @@ def plan_units(config: DataConfig) -> Plan:
             uri = _uri(name, fs, f.path)
             if kind == TXT:
                 txt_group.append((uri, doc_id, f.size))
-                txt_bytes += f.size
-                if txt_bytes >= config.shard_bytes:
+                txt_bytes += f.size if f.size <= config.max_document_bytes else 0  # too_large: never read
+                if txt_bytes >= config.shard_bytes and len(txt_group) >= MIN_DOCS_PER_UNIT:
                     flush_txt()
             elif kind == JSONL:
                 for start in range(0, max(f.size, 1), config.shard_bytes):

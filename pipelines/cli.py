@@ -1,0 +1,167 @@
+"""`cloze`: one command per stage. Config = `--config FILE.toml` + dotted overrides.
+
+    cloze data --config configs/local.toml --data.max_seq_len 256 --data.task sop
+
+Overrides are `--table.key VALUE`; VALUE is read as TOML when it parses (numbers, true,
+["a", "b"]) and as a string otherwise. Unknown keys and bad values are errors that name
+the key, reported before any Ray work starts (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tomllib
+from typing import Any, Callable
+
+from encoder.config import ConfigError
+
+STAGES_TODO = {
+    "run": "run the whole DAG (data -> pretrain -> finetune -> evaluate -> export)",
+    "pretrain": "pretrain the encoder with Ray Train + DeepSpeed",
+    "finetune": "fine-tune a [CLS] or token classifier",
+    "evaluate": "evaluate a model against baselines",
+    "export": "export a Hugging Face-compatible model folder",
+    "score": "batch scoring with Ray Data",
+    "serve": "serve a model with Ray Serve",
+    "submit": "submit a job to a Ray cluster",
+    "jobs": "list / follow submitted jobs",
+}
+
+
+def parse_value(text: str) -> Any:
+    """A command-line override value: TOML if it parses as one value, else the raw string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def split_overrides(rest: list[str]) -> dict[str, Any]:
+    """["--data.task", "sop", "--data.seed=3"] -> {"data.task": "sop", "data.seed": 3}."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"unexpected argument {arg!r} (overrides look like --data.max_seq_len 128)")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        else:
+            if i + 1 >= len(rest):
+                raise ConfigError(f"{arg}: missing value")
+            key, value = arg[2:], rest[i + 1]
+            i += 1
+        out[key] = parse_value(value)
+        i += 1
+    return out
+
+
+def _data_help() -> str:
+    from .config import DataConfig
+
+    lines = ["options of the [data] table (override with --data.KEY VALUE):", ""]
+    docs = _field_comments(DataConfig)
+    for f in dataclasses.fields(DataConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, tuple):
+            default = list(default)
+        lines.append(f"  --data.{f.name} (default {default!r})")
+        if docs.get(f.name):
+            lines.append(f"      {docs[f.name]}")
+    return "\n".join(lines)
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """The trailing `# comment` of each field in the class source: one place for the docs."""
+    import inspect
+
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        s = line.strip()
+        if ":" in s and "#" in s and not s.startswith(("#", "def", "\"")):
+            name = s.split(":", 1)[0].strip()
+            out[name] = s.split("#", 1)[1].strip()
+    return out
+
+
+DATA_DESCRIPTION = """\
+Turn raw documents into pretraining examples (the `pairs` stage) with Ray Data.
+
+Reads the bundled corpus ("bbc": BBC News, 2,225 articles; "20ng": 20 Newsgroups, 18,846
+posts) or your own .txt files (one document each, blank line = paragraph break), JSONL
+(a `text` field per line) or Parquet (a `text` column), from local paths or pyarrow
+filesystem URIs (s3://...). Documents are normalized (NFC, control characters, whitespace)
+and split into sentences; a WordPiece vocabulary is trained on them (or loaded); examples
+are built for one task: nsp (next sentence prediction, label 0 = true continuation),
+sop (sentence order, label 1 = swapped), shuffle (one paragraph, label 1 = shuffled) or
+mlm (text blocks only). MLM masks are drawn per epoch by the training collator unless
+--data.masking static.
+
+Output: <output>/part-NNNNN.parquet (input_ids, token_type_ids, length, <task>_label),
+tokenizer.json + vocab.txt, and manifest.json (documents read / skipped by reason,
+sentences, examples, label balance, length histogram, tokens, hashes, seed, wall time).
+Same inputs + config -> byte-identical shards; a rerun is a cache hit. Bad documents
+(empty, not UTF-8, binary, too large) are counted in the manifest, never fatal; a missing
+input path is an error before any Ray work."""
+
+
+def cmd_data(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from .config import DataConfig
+    from .corpus import InputError
+
+    try:
+        config = DataConfig.from_toml(args.config, overrides)
+        if any(k.split(".", 1)[0] != "data" for k in overrides):
+            bad = next(k for k in overrides if k.split(".", 1)[0] != "data")
+            raise ConfigError(f"{bad}: `cloze data` reads only the [data] table")
+        from .corpus import plan_units
+
+        plan_units(config)  # a missing input fails here, before Ray starts
+    except (ConfigError, InputError) as e:
+        print(f"cloze data: error: {e}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from .pairs import build_sentence_pairs
+
+    build_sentence_pairs(config)
+    return 0
+
+
+def _not_implemented(name: str) -> Callable[[argparse.Namespace, dict], int]:
+    def run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+        print(f"cloze {name}: not implemented yet", file=sys.stderr)
+        return 2
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cloze", description="Multi-objective BERT-style pretraining on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    data = sub.add_parser("data", help="build pretraining examples (Parquet shards + manifest)",
+                          description=DATA_DESCRIPTION, epilog=_data_help(),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    data.add_argument("--config", metavar="FILE.toml", help="TOML file; its [data] table is read (default: built-in defaults)")
+    data.set_defaults(run=cmd_data)
+    for name, help_text in STAGES_TODO.items():
+        p = sub.add_parser(name, help=f"{help_text} (not implemented yet)", description=help_text)
+        p.add_argument("--config", metavar="FILE.toml")
+        p.set_defaults(run=_not_implemented(name))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    try:
+        overrides = split_overrides(rest)
+    except ConfigError as e:
+        parser.exit(2, f"cloze {args.command}: error: {e}\n")
+    return args.run(args, overrides)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
