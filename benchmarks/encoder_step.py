@@ -1,6 +1,6 @@
 """Training-step throughput: cloze encoder (MLM + NSP) vs transformers.BertForPreTraining.
 
-Same config, same batches, same threads, one process, interleaved repeats. Batches come
+Same config, same batches, same threads, one process, interleaved step by step. Batches come
 from real text: BBC News paragraph pairs, tokenized with the bert-base-uncased WordPiece,
 [CLS] A [SEP] B [SEP] truncated to --seq, 32 per batch, padded to the longest (multiple of
 8) as the cloze collator does. Throughput counts real (non-padding) tokens per second of
@@ -126,15 +126,18 @@ def bench(preset: str, batches: list[dict], vocab: int, seq: int, repeats: int, 
     for r in range(repeats):
         window = [(i + r * steps) % len(batches) for i in range(steps)]
         n_tok = sum(tokens[i] for i in window)
-        order = ["hf", *VARIANTS] if r % 2 == 0 else [*VARIANTS, "hf"]  # alternate to spread drift
-        for name in order:
-            if name != "hf":
-                configure(ours, *VARIANTS[name])
-            fn = run_hf if name == "hf" else run_ours
-            t0 = time.perf_counter()
-            for i in window:
+        spent = dict.fromkeys(rates, 0.0)
+        for i in window:  # interleaved step by step, so load drift hits every variant alike
+            order = ["hf", *VARIANTS] if i % 2 == 0 else [*VARIANTS, "hf"]
+            for name in order:
+                if name != "hf":
+                    configure(ours, *VARIANTS[name])
+                fn = run_hf if name == "hf" else run_ours
+                t0 = time.perf_counter()
                 fn(batches[i])
-            rates[name].append(n_tok / (time.perf_counter() - t0))
+                spent[name] += time.perf_counter() - t0
+        for name in rates:
+            rates[name].append(n_tok / spent[name])
     ratios = {v: [a / b for a, b in zip(rates[v], rates["hf"])] for v in VARIANTS}
     return {"preset": preset, "params": E.count_parameters(ours.encoder), "tokens_per_s": rates, "ratio_vs_hf": ratios}
 
