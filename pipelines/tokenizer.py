@@ -74,7 +74,13 @@ def train_wordpiece(texts: Iterable[str], *, vocab_size: int, min_frequency: int
                                         special_tokens=list(SPECIAL_TOKENS), continuing_subword_prefix="##",
                                         show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
-    return _with_post_processor(tok)
+    # The Rust trainer breaks ties between equally frequent merges in hash-map order, which
+    # changes from run to run: the token set is stable, the ids are not. Canonical ids:
+    # special tokens first, then whole-word pieces, then "##" pieces, each sorted.
+    learned = sorted((t for t in tok.get_vocab() if t not in SPECIAL_TOKENS), key=lambda t: (t.startswith("##"), t))
+    vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS, *learned])}
+    canonical = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##"))
+    return _with_post_processor(_bert_pipeline(canonical, lowercase))
 
 
 def load_tokenizer(path: str | Path, lowercase: bool = True) -> Tokenizer:
