@@ -1,0 +1,807 @@
+"""Pretraining: Ray Train `TorchTrainer` with DeepSpeed ZeRO inside each worker (issue 5).
+
+The driver (`pretrain`) only builds and checks the config, launches, and reads results;
+everything a worker needs travels in its config dict (`train_loop_per_worker(config)`).
+
+Data: a folder of Parquet pair shards (`input_ids`, `token_type_ids`, `length`, label
+columns). Every worker iterates the same ordered stream of *global* batches
+(per_worker x workers rows) and keeps its own slice, so a step's data depends only on
+(seed, epoch, batch index): a restarted or resumed run sees exactly the batches an
+uninterrupted one would, and ZeRO stages can be compared weight for weight.
+
+Run folder (`storage_path/name`): `config.json` (the run config), Ray's `checkpoint_*`
+folders (DeepSpeed state, sharded under ZeRO, plus `trainer_state.json`, RNG states and a
+per-rank manifest that marks the checkpoint complete), `metrics.csv`, `tb/` (TensorBoard)
+and `model/` (the consolidated fp32 export, HF layout + cloze.json).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from encoder import EncoderConfig, MultiObjective, Encoder, flops_per_token, mask_tokens, validate_weights
+from encoder.config import ConfigError, apply_overrides, build_dataclass, load_toml
+
+REPO = Path(__file__).resolve().parent.parent
+DEEPSPEED_DIR = REPO / "cluster" / "deepspeed"
+LABEL_COLUMNS = ("nsp_label", "sop_label", "shuffle_label")
+DS_TAG = "ds"  # DeepSpeed's tag (sub-folder) inside every Ray checkpoint
+# Test hooks (read by the driver, passed to workers in their config): kill one worker
+# process after step k (once per run), or stop every worker cleanly after step k.
+FAULT_ENV, STOP_ENV = "CLOZE_TEST_KILL_AT_STEP", "CLOZE_TEST_STOP_AT_STEP"
+
+
+# --------------------------------------------------------------------------- config
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """AdamW; lr warms up linearly for `warmup_steps`, then decays to min_lr_ratio x lr."""
+
+    lr: float = 5e-4
+    weight_decay: float = 0.01  # not applied to LayerNorm weights and biases
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-6
+    warmup_steps: int = 0
+    decay: str = "linear"  # linear | cosine | constant
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # 0 = off
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ConfigError("weight_decay, warmup_steps and grad_clip must be >= 0")
+        if self.decay not in ("linear", "cosine", "constant"):
+            raise ConfigError(f"decay must be linear, cosine or constant, got {self.decay!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig:
+    """One pretraining run. TOML: the `[pretrain]` table (+ `[pretrain.optimizer]`,
+    `[pretrain.objectives]`) and the `[model]` table (EncoderConfig fields or a `preset`)."""
+
+    data: str = ""  # folder of Parquet pair shards
+    init_from: str = ""  # HF / cloze model folder to continue from ("" = fresh weights)
+    tokenizer: str = ""  # folder with vocab.txt / tokenizer.json copied into the export
+    storage_path: str = "runs"  # local folder or s3:// / gs:// URI
+    name: str = "pretrain"
+    model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
+    objectives: dict[str, float] = field(default_factory=lambda: {"mlm": 1.0})
+    generator_fraction: float = 0.25  # ELECTRA generator size, with rtd
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    batch_size_per_worker: int = 8
+    global_batch_size: int = 0  # 0 = batch_size_per_worker x num_workers (no accumulation)
+    max_steps: int = 100  # optimizer steps
+    max_tokens: int = 0  # also stop after this many real (non-pad) tokens; 0 = off
+    max_seq_len: int = 128  # longer rows are truncated
+    shuffle_buffer: int = 0  # rows; seeded per epoch, same on every worker
+    precision: str = "fp32"  # fp32 | bf16
+    zero_stage: int = 2
+    offload_optimizer: bool = False  # optimizer states in CPU memory (ZeRO 1-3)
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    gpus_per_worker: float = 1.0
+    seed: int = 0
+    mask_prob: float = 0.15
+    mask_token_id: int = 103  # BERT uncased [MASK]
+    special_token_ids: tuple[int, ...] = (0, 100, 101, 102, 103)  # never masked
+    log_every: int = 1  # steps between ray.train.report calls (metrics.csv gets every step)
+    checkpoint_every: int = 0  # steps; 0 = only at the end
+    keep_checkpoints: int = 2
+    max_failures: int = 0  # worker failures Ray Train recovers from (from the last checkpoint)
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("zero_stage", self.zero_stage in (0, 1, 2, 3), "must be 0, 1, 2 or 3"),
+            ("precision", self.precision in ("fp32", "bf16"), "must be fp32 or bf16"),
+            ("num_workers", self.num_workers >= 1, "must be >= 1"),
+            ("cpus_per_worker", self.cpus_per_worker > 0, "must be > 0"),
+            ("gpus_per_worker", self.gpus_per_worker > 0, "must be > 0"),
+            ("batch_size_per_worker", self.batch_size_per_worker >= 1, "must be >= 1"),
+            ("global_batch_size", self.global_batch_size >= 0, "must be >= 0"),
+            ("max_steps", self.max_steps >= 1, "must be >= 1"),
+            ("max_tokens", self.max_tokens >= 0, "must be >= 0"),
+            ("max_seq_len", self.max_seq_len >= 8, "must be >= 8"),
+            ("shuffle_buffer", self.shuffle_buffer >= 0, "must be >= 0"),
+            ("mask_prob", 0.0 < self.mask_prob < 1.0, "must be in (0, 1)"),
+            ("log_every", self.log_every >= 1, "must be >= 1"),
+            ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0"),
+            ("keep_checkpoints", self.keep_checkpoints >= 1, "must be >= 1"),
+            ("max_failures", self.max_failures >= -1, "must be >= -1 (-1 = unlimited)"),
+            ("name", bool(self.name) and "/" not in self.name, "must be a non-empty folder name"),
+        ]
+        for key, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"{key} {why}, got {getattr(self, key)!r}")
+        unit = self.batch_size_per_worker * self.num_workers
+        if self.global_batch_size % unit:
+            raise ConfigError(
+                f"global_batch_size ({self.global_batch_size}) must be divisible by batch_size_per_worker x "
+                f"num_workers ({self.batch_size_per_worker} x {self.num_workers} = {unit})")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("offload_optimizer needs zero_stage 1, 2 or 3")
+        try:
+            validate_weights(self.objectives)
+        except ConfigError as e:
+            raise ConfigError(str(e)) from None
+        enc = self.encoder_config()  # raises ConfigError("model.<key> ...")
+        if self.max_seq_len > enc.max_position_embeddings:
+            raise ConfigError(f"max_seq_len ({self.max_seq_len}) exceeds model.max_position_embeddings "
+                              f"({enc.max_position_embeddings})")
+        if not 0 <= self.mask_token_id < enc.vocab_size:
+            raise ConfigError(f"mask_token_id ({self.mask_token_id}) is outside the vocabulary ({enc.vocab_size})")
+
+    @property
+    def accumulation(self) -> int:
+        """Gradient accumulation steps derived from the global batch."""
+        return max(1, self.global_batch_size // (self.batch_size_per_worker * self.num_workers))
+
+    @property
+    def effective_global_batch(self) -> int:
+        return self.batch_size_per_worker * self.num_workers * self.accumulation
+
+    def encoder_config(self) -> EncoderConfig:
+        if self.init_from:  # the checkpoint's shape wins; [model] may only be empty then
+            return _init_config(self.init_from)
+        return EncoderConfig.from_dict(self.model, prefix="model.")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["special_token_ids"] = list(self.special_token_ids)
+        return out
+
+    @classmethod
+    def from_dict(cls, table: Mapping[str, Any], prefix: str = "pretrain.") -> "PretrainConfig":
+        return build_dataclass(cls, table, prefix)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike | None, overrides: Mapping[str, Any] | None = None) -> "PretrainConfig":
+        """`[pretrain]` + `[model]` of a TOML file; dotted overrides as `pretrain.zero_stage` / `model.hidden_size`."""
+        raw = load_toml(path) if path else {}
+        if overrides:
+            raw = apply_overrides(raw, overrides)
+        table = dict(raw.get("pretrain", {}))
+        if "model" in table:
+            raise ConfigError("pretrain.model: put the model shape in the [model] table")
+        if "model" in raw:
+            table["model"] = raw["model"]
+        return cls.from_dict(table)
+
+
+def _init_config(folder: str) -> EncoderConfig:
+    p = Path(folder)
+    if (p / "cloze.json").is_file():
+        return EncoderConfig.from_dict(json.loads((p / "cloze.json").read_text())["encoder_config"])
+    if (p / "config.json").is_file():
+        return EncoderConfig.from_hf_dict(json.loads((p / "config.json").read_text()))
+    raise ConfigError(f"init_from: {folder} is not a model folder (no config.json)")
+
+
+def check_resources(cfg: PretrainConfig, available_cpus: float, available_gpus: float = 0.0) -> None:
+    """Raise ConfigError if the cluster cannot place the workers (before Ray starts any)."""
+    need = cfg.num_workers * cfg.cpus_per_worker
+    if need > available_cpus + 1e-9:
+        raise ConfigError(f"num_workers x cpus_per_worker = {cfg.num_workers} x {cfg.cpus_per_worker} = {need:g} "
+                          f"CPUs, but the cluster has {available_cpus:g}")
+    if cfg.use_gpu and cfg.num_workers * cfg.gpus_per_worker > available_gpus + 1e-9:
+        raise ConfigError(f"use_gpu: {cfg.num_workers} workers x {cfg.gpus_per_worker} GPUs, "
+                          f"but the cluster has {available_gpus:g}")
+
+
+def shard_files(data: str) -> list[str]:
+    """The Parquet shards of a data folder, sorted (the order defines the data stream)."""
+    if "://" in data:
+        import pyarrow.fs as pafs
+
+        fs, root = pafs.FileSystem.from_uri(data)
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        scheme = data.split("://", 1)[0]
+        files = sorted(f"{scheme}://{i.path}" for i in infos if i.path.endswith(".parquet"))
+    else:
+        if not Path(data).is_dir():
+            raise ConfigError(f"data: {data!r} is not a folder")
+        files = sorted(str(p) for p in Path(data).rglob("*.parquet"))
+    if not files:
+        raise ConfigError(f"data: no .parquet shards under {data!r}")
+    return files
+
+
+# --------------------------------------------------------------------------- DeepSpeed
+
+def deepspeed_config(cfg: PretrainConfig) -> dict:
+    """`cluster/deepspeed/zero<stage>.json` with its "auto" values filled from the run config."""
+    template = json.loads((DEEPSPEED_DIR / f"zero{cfg.zero_stage}.json").read_text())
+    values = {
+        "train_batch_size": cfg.effective_global_batch,
+        "train_micro_batch_size_per_gpu": cfg.batch_size_per_worker,
+        "gradient_accumulation_steps": cfg.accumulation,
+        "gradient_clipping": cfg.optimizer.grad_clip,
+        "bf16.enabled": cfg.precision == "bf16",
+        "zero_optimization.offload_optimizer.device": "cpu" if cfg.offload_optimizer else "none",
+    }
+
+    def fill(node: dict, prefix: str) -> dict:
+        out = {}
+        for key, value in node.items():
+            dotted = prefix + key
+            if isinstance(value, dict):
+                out[key] = fill(value, dotted + ".")
+            elif value == "auto":
+                if dotted not in values:
+                    raise KeyError(f"zero{cfg.zero_stage}.json: no run-config value for {dotted}")
+                out[key] = values[dotted]
+            else:
+                out[key] = value
+        return out
+
+    return fill(template, "")
+
+
+def torch_extensions_dir() -> str:
+    """Where DeepSpeed's JIT ops are cached across runs (so the shm op builds once, not per run)."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return os.environ["TORCH_EXTENSIONS_DIR"]
+    if os.access(REPO, os.W_OK) and (REPO / "pyproject.toml").is_file():
+        return str(REPO / ".torch_extensions")
+    return str(Path.home() / ".cache" / "cloze" / "torch_extensions")
+
+
+# --------------------------------------------------------------------------- model and optimizer
+
+def build_model(cfg: PretrainConfig) -> MultiObjective:
+    """Fresh weights (seeded), or an imported checkpoint whose missing heads start fresh."""
+    torch.manual_seed(cfg.seed)
+    if cfg.init_from:
+        from encoder.hf import load_pretrained
+
+        return load_pretrained(cfg.init_from, kind="pretraining", objectives=cfg.objectives,
+                               generator_fraction=cfg.generator_fraction)
+    return MultiObjective(Encoder(cfg.encoder_config()), cfg.objectives, generator_fraction=cfg.generator_fraction)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: LayerNorm weights and biases (all 1-d tensors) get none."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():  # tied weights are listed once
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class WarmupDecay:
+    """lr multiplier at optimizer step s: linear warmup, then linear / cosine / no decay.
+
+    A class, not a lambda, so LambdaLR's state_dict (saved in checkpoints) carries it."""
+
+    def __init__(self, warmup: int, total: int, decay: str, min_ratio: float):
+        self.warmup, self.total, self.decay, self.min_ratio = warmup, total, decay, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.decay == "constant":
+            return 1.0
+        frac = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        shape = 1.0 - frac if self.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+        return self.min_ratio + (1.0 - self.min_ratio) * shape
+
+
+# --------------------------------------------------------------------------- data
+
+class PairCollator:
+    """Rows of pair shards -> a model batch: padded to a multiple of 8, masked for MLM.
+
+    Masking is seeded per (seed, epoch, batch, rank), so it is the same in a resumed run."""
+
+    def __init__(self, cfg: PretrainConfig, pad_token_id: int, vocab_size: int):
+        self.cfg, self.pad, self.vocab = cfg, pad_token_id, vocab_size
+        self.special = torch.tensor(sorted(set(cfg.special_token_ids) | {pad_token_id}))
+
+    def __call__(self, rows: Mapping[str, np.ndarray], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        ids_list = [np.asarray(x)[: self.cfg.max_seq_len] for x in rows["input_ids"]]
+        types_list = [np.asarray(x)[: self.cfg.max_seq_len] for x in rows["token_type_ids"]]
+        B = len(ids_list)
+        T = min(self.cfg.max_seq_len, -(-max(len(x) for x in ids_list) // 8) * 8)
+        ids = torch.full((B, T), self.pad, dtype=torch.long)
+        types = torch.zeros((B, T), dtype=torch.long)
+        mask = torch.zeros((B, T), dtype=torch.long)
+        for i, (a, t) in enumerate(zip(ids_list, types_list)):
+            ids[i, : len(a)] = torch.from_numpy(a.astype(np.int64))
+            types[i, : len(t)] = torch.from_numpy(t.astype(np.int64))
+            mask[i, : len(a)] = 1
+        special = torch.isin(ids, self.special) | (mask == 0)
+        masked, labels = mask_tokens(ids, special, mask_token_id=self.cfg.mask_token_id, vocab_size=self.vocab,
+                                     mask_prob=self.cfg.mask_prob, generator=generator)
+        batch = {"input_ids": masked, "attention_mask": mask, "token_type_ids": types, "mlm_labels": labels}
+        for col in LABEL_COLUMNS:
+            if col in rows:
+                batch[col] = torch.as_tensor(np.asarray(rows[col]), dtype=torch.long)
+        return batch
+
+
+def batch_seed(seed: int, epoch: int, index: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 100_003 + index * 101 + rank) % (2**63)
+
+
+def worker_batches(shard, cfg: PretrainConfig, rank: int, world: int, collate: PairCollator,
+                   epoch: int, skip: int) -> Iterator[tuple[int, int, dict]]:
+    """(epoch, index, batch) forever: global batch `index` of `epoch`, this rank's slice.
+
+    Every rank reads the same ordered stream (the dataset is not split), so the position
+    (epoch, index) fully names the data; `skip` global batches of the first epoch are
+    passed over (a resumed run)."""
+    B = cfg.batch_size_per_worker
+    columns = ["input_ids", "token_type_ids"]
+    while True:
+        kwargs = {}
+        if cfg.shuffle_buffer:
+            kwargs = dict(local_shuffle_buffer_size=cfg.shuffle_buffer, local_shuffle_seed=cfg.seed + epoch)
+        seen = 0
+        for index, rows in enumerate(shard.iter_batches(batch_size=B * world, batch_format="numpy",
+                                                        drop_last=True, **kwargs)):
+            seen += 1
+            if index < skip:
+                continue
+            mine = {k: v[rank * B:(rank + 1) * B] for k, v in rows.items() if k in columns or k in LABEL_COLUMNS}
+            gen = torch.Generator().manual_seed(batch_seed(cfg.seed, epoch, index, rank))
+            yield epoch, index, collate(mine, gen)
+        if seen == 0:
+            raise ValueError(f"the dataset has fewer rows than one global batch ({B} x {world})")
+        epoch, skip = epoch + 1, 0
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why a checkpoint folder cannot be used (None = complete).
+
+    Every rank writes `manifest.rank<r>.json` (its files and their sizes) after its files;
+    a checkpoint is complete when all ranks' manifests exist and every file matches."""
+    p = Path(path)
+    state = p / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json"
+    try:
+        world = json.loads(state.read_text())["world_size"]
+        for r in range(world):
+            m = p / f"manifest.rank{r}.json"
+            if not m.is_file():
+                return f"rank {r} never finished writing (no {m.name})"
+            for name, size in json.loads(m.read_text()).items():
+                f = p / name
+                if not f.is_file():
+                    return f"missing file {name}"
+                if f.stat().st_size != size:
+                    return f"{name} is {f.stat().st_size} bytes, expected {size} (truncated?)"
+    except (ValueError, KeyError, OSError) as e:
+        return f"unreadable manifest ({e})"
+    return None
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    return int(json.loads((Path(path) / "trainer_state.json").read_text())["step"])
+
+
+def latest_valid_checkpoint(run_dir: str | os.PathLike, log=print) -> str | None:
+    """The newest complete checkpoint of a run folder; incomplete ones are skipped, with a message."""
+    cands = [p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir()]
+    found = []
+    for p in cands:
+        problem = checkpoint_problem(p)
+        if problem:
+            log(f"cloze pretrain: skipping checkpoint {p}: {problem}")
+        else:
+            found.append((checkpoint_step(p), str(p)))
+    return max(found)[1] if found else None
+
+
+def _save_checkpoint(engine, folder: Path, state: dict, rank: int) -> None:
+    """DeepSpeed state (each rank its own shards) + trainer state + RNG + this rank's manifest."""
+    engine.save_checkpoint(str(folder), tag=DS_TAG)
+    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+               folder / f"rng.rank{rank}.pt")
+    if rank == 0:
+        (folder / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    # each rank saves into its own folder, so everything in it is this rank's part
+    manifest = {str(f.relative_to(folder)): f.stat().st_size for f in folder.rglob("*")
+                if f.is_file() and not f.name.startswith(("manifest.", ".manifest."))}
+    tmp = folder / f".manifest.rank{rank}.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    tmp.rename(folder / f"manifest.rank{rank}.json")  # written last: marks this rank's part complete
+
+
+def _load_checkpoint(engine, folder: str, rank: int) -> dict:
+    load_path, _ = engine.load_checkpoint(folder, tag=DS_TAG, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load {folder}")
+    rng = torch.load(Path(folder) / f"rng.rank{rank}.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((Path(folder) / "trainer_state.json").read_text())
+
+
+# --------------------------------------------------------------------------- metrics
+
+def gemm_peak_flops(size: int = 1024, seconds: float = 0.5) -> float:
+    """Measured fp32 GEMM FLOP/s of this process's threads (the CPU 'peak' for MFU)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm up
+    n, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        n += 1
+        dt = time.perf_counter() - t0
+        if dt >= seconds:
+            return 2.0 * size**3 * n / dt
+
+
+GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def device_peak_flops(use_gpu: bool) -> float:
+    if use_gpu and torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, peak in GPU_BF16_PEAK.items():
+            if key in name:
+                return peak
+        return 0.0  # unknown GPU: MFU is reported as 0
+    return gemm_peak_flops()
+
+
+class MetricsWriter:
+    """metrics.csv + TensorBoard events in the run folder (rank 0). A restarted worker
+    re-writes the steps after its checkpoint; readers keep the last row per step."""
+
+    def __init__(self, folder: str | None):
+        self.folder = Path(folder) if folder else None
+        self.columns: list[str] | None = None
+        self.tb = None
+        if self.folder:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.folder / "tb"))
+            except Exception:  # tensorboard not installed: CSV only
+                self.tb = None
+
+    def write(self, metrics: Mapping[str, float]) -> None:
+        if not self.folder:
+            return
+        path = self.folder / "metrics.csv"
+        if self.columns is None:
+            self.columns = list(metrics)
+            if path.is_file() and path.stat().st_size:
+                with path.open() as f:
+                    self.columns = next(csv.reader(f))
+            else:
+                with path.open("w", newline="") as f:
+                    csv.writer(f).writerow(self.columns)
+        with path.open("a", newline="") as f:
+            csv.writer(f).writerow([metrics.get(c, "") for c in self.columns])
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, int(metrics["step"]))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, float]]:
+    """Rows of metrics.csv, one per step (the last written wins), in step order."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.is_file():
+        return []
+    rows: dict[int, dict] = {}
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            rows[int(row["step"])] = {k: float(v) for k, v in row.items() if v not in ("", None)}
+    return [rows[s] for s in sorted(rows)]
+
+
+# --------------------------------------------------------------------------- the worker
+
+def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker: DeepSpeed engine, data slice, steps, checkpoints, export.
+
+    config: {"pretrain": PretrainConfig.to_dict(), "deepspeed": dict, "run": {run_dir,
+    metrics_dir, export_dir, resume_from, torch_extensions_dir, fault_at_step,
+    fault_marker, stop_at_step}}"""
+    run = config["run"]
+    os.environ["TORCH_EXTENSIONS_DIR"] = run["torch_extensions_dir"]  # before DeepSpeed builds an op
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+
+    cfg = PretrainConfig.from_dict(config["pretrain"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+
+    model = build_model(cfg)
+    enc_cfg = model.config
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optimizer.weight_decay), lr=cfg.optimizer.lr,
+                                  betas=(cfg.optimizer.beta1, cfg.optimizer.beta2), eps=cfg.optimizer.eps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupDecay(
+        cfg.optimizer.warmup_steps, cfg.max_steps, cfg.optimizer.decay, cfg.optimizer.min_lr_ratio))
+    engine, _, _, schedule = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                                  config=config["deepspeed"])
+
+    # Resume: the newest complete checkpoint of Ray's (after a worker failure) or the driver's pick.
+    state = {"step": 0, "epoch": 0, "index": 0, "tokens": 0, "samples": 0}
+    candidates = []
+    ckpt = ray.train.get_checkpoint()
+    with (ckpt.as_directory() if ckpt else _nullpath()) as ray_dir:
+        for path in (ray_dir, run.get("resume_from")):
+            if path and checkpoint_problem(path) is None:
+                candidates.append((checkpoint_step(path), path))
+            elif path and rank == 0:
+                print(f"cloze pretrain: skipping checkpoint {path}: {checkpoint_problem(path)}")
+        if candidates:
+            state = _load_checkpoint(engine, max(candidates)[1], rank)
+
+    collate = PairCollator(cfg, enc_cfg.pad_token_id, enc_cfg.vocab_size)
+    batches = worker_batches(ray.train.get_dataset_shard("train"), cfg, rank, world, collate,
+                             state["epoch"], state["index"])
+    peak = device_peak_flops(cfg.use_gpu)
+    writer = MetricsWriter(run.get("metrics_dir") if rank == 0 else None)
+    step, tokens_seen, samples_seen = state["step"], state["tokens"], state["samples"]
+    metrics: dict[str, float] = {}
+    engine.train()
+    while step < cfg.max_steps and not (cfg.max_tokens and tokens_seen >= cfg.max_tokens):
+        t0 = time.perf_counter()
+        lr = schedule.get_last_lr()[0]
+        sums: dict[str, float] = {}
+        tokens = samples = flops = 0.0
+        for _ in range(cfg.accumulation):
+            epoch, index, batch = next(batches)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            out = engine(batch)
+            engine.backward(out.loss)
+            engine.step()  # DeepSpeed steps the optimizer and lr schedule at the accumulation boundary
+            for k, v in out.metrics.items():
+                if not k.endswith("/count"):
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            n = float(batch["attention_mask"].sum())
+            tokens, samples = tokens + n, samples + batch["input_ids"].shape[0]
+            flops += n * flops_per_token(enc_cfg, batch["input_ids"].shape[1])
+        step += 1
+        names = sorted(sums)
+        # one all-reduce per step: mean metrics over ranks and micro-batches, summed counts
+        vec = torch.tensor([sums[k] for k in names] + [tokens, samples, flops], dtype=torch.float64)
+        if world > 1:
+            torch.distributed.all_reduce(vec)
+        dt = time.perf_counter() - t0
+        tokens_seen += int(vec[-3])
+        samples_seen += int(vec[-2])
+        grad_norm = engine.get_global_grad_norm()
+        metrics = {"step": step, **{k: float(vec[i]) / (world * cfg.accumulation) for i, k in enumerate(names)},
+                   "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                   "tokens_per_s": float(vec[-3]) / dt, "samples_per_s": float(vec[-2]) / dt,
+                   "mfu": float(vec[-1]) / dt / (peak * world) if peak else 0.0,
+                   "tokens": tokens_seen, "samples": samples_seen, "epoch": epoch, "batch_index": index,
+                   "step_time_s": dt}
+        writer.write(metrics)
+        state = {"step": step, "epoch": epoch, "index": index + 1, "tokens": tokens_seen,
+                 "samples": samples_seen, "world_size": world}
+        done = step >= cfg.max_steps or (cfg.max_tokens and tokens_seen >= cfg.max_tokens)
+        stop = run.get("stop_at_step") == step
+        if done or stop or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            with tempfile.TemporaryDirectory(prefix="cloze-ckpt-") as tmp:
+                _save_checkpoint(engine, Path(tmp), state, rank)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"checkpoint_{step:08d}")
+        elif step % cfg.log_every == 0:
+            ray.train.report(metrics)
+        if run.get("fault_at_step") == step and rank == world - 1 and not Path(run["fault_marker"]).exists():
+            Path(run["fault_marker"]).write_text(str(step))
+            os.kill(os.getpid(), signal.SIGKILL)  # the test hook: a worker dies mid-run
+        if stop:
+            writer.close()
+            return
+    writer.close()
+    _export(engine, cfg, run, metrics, rank)
+
+
+class _nullpath:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _export(engine, cfg: PretrainConfig, run: dict, metrics: dict, rank: int) -> None:
+    """Consolidated fp32 weights (gathered across ranks under ZeRO-3) -> HF folder + cloze.json."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if cfg.zero_stage == 3 else _nullpath()
+    with gather:
+        if rank == 0:
+            state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in engine.module.state_dict().items()}
+    if rank != 0 or not run.get("export_dir"):
+        return
+    from encoder.hf import save_pretrained
+
+    model = MultiObjective(Encoder(engine.module.config), cfg.objectives, generator_fraction=cfg.generator_fraction)
+    model.load_state_dict(state)
+    meta = {"pretrain_config": cfg.to_dict(), "final_metrics": metrics, "steps": metrics.get("step")}
+    dest = run["export_dir"]
+    if "://" in dest:  # cluster storage: write locally, then copy up
+        import pyarrow.fs as pafs
+
+        with tempfile.TemporaryDirectory() as tmp:
+            save_pretrained(model, Path(tmp) / "model", tokenizer=cfg.tokenizer or None, metadata=meta)
+            pafs.copy_files(str(Path(tmp) / "model"), dest)
+    else:
+        save_pretrained(model, dest, tokenizer=cfg.tokenizer or None, metadata=meta)
+
+
+# --------------------------------------------------------------------------- the driver
+
+@dataclass
+class PretrainResult:
+    run_dir: str
+    model_dir: str | None
+    metrics: dict[str, float]
+    checkpoint: str | None
+
+
+def _progress(run_dir: Path, total: int, stop: threading.Event) -> None:
+    """tqdm bar with ETA, fed from metrics.csv while fit() runs."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="pretrain", unit="step")
+    while not stop.wait(0.5):
+        rows = read_metrics(run_dir)
+        if rows:
+            last = rows[-1]
+            bar.n = int(last["step"])
+            bar.set_postfix(loss=f"{last.get('loss', float('nan')):.3f}", tok_s=f"{last.get('tokens_per_s', 0):.0f}")
+            bar.refresh()
+    rows = read_metrics(run_dir)
+    bar.n = int(rows[-1]["step"]) if rows else bar.n
+    bar.close()
+
+
+def pretrain(cfg: PretrainConfig, resume: str | os.PathLike | None = None, progress: bool = True,
+             log=print) -> PretrainResult:
+    """Check, launch, and read the result of one run. `resume`: an existing run folder."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    files = shard_files(cfg.data)
+    if cfg.init_from:
+        _init_config(cfg.init_from)
+    remote = "://" in cfg.storage_path
+    run_dir = f"{cfg.storage_path.rstrip('/')}/{cfg.name}"
+    if not remote:
+        run_dir = str(Path(cfg.storage_path).resolve() / cfg.name)
+    resume_from = None
+    if resume is not None:
+        if remote:
+            raise ConfigError("--resume reads a local run folder; remote runs resume through Ray's own state")
+        if not Path(run_dir).is_dir():
+            raise ConfigError(f"resume: {run_dir} is not a run folder")
+        resume_from = latest_valid_checkpoint(run_dir, log=log)
+        log(f"cloze pretrain: resuming {run_dir} from {resume_from or 'the start (no complete checkpoint)'}")
+    elif not remote and Path(run_dir).exists() and any(Path(run_dir).glob("checkpoint_*")):
+        raise ConfigError(f"run folder {run_dir} already has checkpoints: pass --resume {run_dir} or pick another name")
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    res = ray.cluster_resources()
+    check_resources(cfg, res.get("CPU", 0.0), res.get("GPU", 0.0))
+    ds_config = deepspeed_config(cfg)
+
+    local_dir = run_dir if not remote else tempfile.mkdtemp(prefix=f"cloze-{cfg.name}-")
+    Path(local_dir).mkdir(parents=True, exist_ok=True)
+    (Path(local_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    ext_dir = torch_extensions_dir()
+    Path(ext_dir).mkdir(parents=True, exist_ok=True)
+    run = {"run_dir": run_dir, "metrics_dir": local_dir, "export_dir": f"{run_dir}/model",
+           "resume_from": resume_from, "torch_extensions_dir": ext_dir,
+           "fault_at_step": int(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None,
+           "fault_marker": str(Path(local_dir) / ".fault_injected"),
+           "stop_at_step": int(os.environ[STOP_ENV]) if os.environ.get(STOP_ENV) else None}
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = True  # the data stream's order is part of the run
+    dataset = ray.data.read_parquet(files)
+    if res.get("CPU", 0.0) - cfg.num_workers * cfg.cpus_per_worker < 1.0:
+        # Ray Data's read tasks would wait forever for a CPU the workers hold: read it all now
+        log("cloze pretrain: no CPU left beside the workers; materializing the dataset before training")
+        dataset = dataset.materialize()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"pretrain": cfg.to_dict(), "deepspeed": ds_config, "run": run},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, storage_path=cfg.storage_path if remote else str(Path(cfg.storage_path).resolve()),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            worker_runtime_env={"env_vars": {"TORCH_EXTENSIONS_DIR": ext_dir}}),
+        datasets={"train": dataset},
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),  # every rank reads the ordered stream
+    )
+    stop = threading.Event()
+    bar = threading.Thread(target=_progress, args=(Path(local_dir), cfg.max_steps, stop), daemon=True)
+    if progress:
+        bar.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        if progress:
+            bar.join()
+    model_dir = f"{run_dir}/model"
+    if not remote and not Path(model_dir, "cloze.json").is_file():
+        model_dir = None  # stopped before the end (test hook)
+    ckpt = result.checkpoint.path if result.checkpoint else None
+    return PretrainResult(run_dir=run_dir, model_dir=model_dir, metrics=dict(result.metrics or {}), checkpoint=ckpt)
+
+
+# --------------------------------------------------------------------------- synthetic data
+
+def synthetic_pair_shards(folder: str | os.PathLike, rows: int = 32, shards: int = 2, vocab_size: int = 128,
+                          max_len: int = 24, seed: int = 0) -> Path:
+    """Parquet pair shards of random tokens in the pair-shard schema (smoke runs, tests, benchmarks).
+
+    Rows are `[CLS] A [SEP] B [SEP]` with ids in [110, vocab_size) (clear of BERT's specials)
+    and random 0/1 labels in every label column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    per = -(-rows // shards)
+    for s in range(shards):
+        n = min(per, rows - s * per)
+        ids, types = [], []
+        for _ in range(n):
+            la = int(rng.integers(2, max(3, max_len // 2 - 2)))
+            lb = int(rng.integers(2, max(3, max_len - la - 3)))
+            a = [101, *rng.integers(110, vocab_size, la).tolist(), 102]
+            b = [*rng.integers(110, vocab_size, lb).tolist(), 102]
+            ids.append(a + b)
+            types.append([0] * len(a) + [1] * len(b))
+        table = {"input_ids": pa.array(ids, pa.list_(pa.int32())),
+                 "token_type_ids": pa.array(types, pa.list_(pa.int32())),
+                 "length": pa.array([len(x) for x in ids], pa.int32())}
+        for col in LABEL_COLUMNS:
+            table[col] = pa.array(rng.integers(0, 2, n), pa.int64())
+        pq.write_table(pa.table(table), out / f"part-{s:05d}.parquet")
+    return out

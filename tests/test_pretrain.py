@@ -1,0 +1,142 @@
+"""Pretraining pieces that need no Ray: config checks, DeepSpeed templates, schedule,
+optimizer groups, collator, checkpoint completeness."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from encoder import ConfigError
+from pipelines.pretrain import (
+    DEEPSPEED_DIR, PairCollator, PretrainConfig, WarmupDecay, check_resources, checkpoint_problem,
+    deepspeed_config, latest_valid_checkpoint, param_groups, build_model, shard_files, synthetic_pair_shards,
+)
+
+TINY = {"preset": "tiny", "vocab_size": 128, "hidden_size": 32, "num_attention_heads": 2,
+        "intermediate_size": 64, "max_position_embeddings": 64}
+
+
+def config(**kw) -> PretrainConfig:
+    return PretrainConfig.from_dict({"model": TINY, "max_seq_len": 64, **kw})
+
+
+def test_toml_and_overrides(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('[model]\npreset = "tiny"\n[pretrain]\nzero_stage = 3\nnum_workers = 2\n'
+                 '[pretrain.objectives]\nmlm = 1.0\nsop = 0.5\n[pretrain.optimizer]\nlr = 1e-3\n')
+    cfg = PretrainConfig.from_toml(f, {"pretrain.optimizer.warmup_steps": "10", "model.hidden_size": 256,
+                                       "model.num_attention_heads": 4})
+    assert cfg.zero_stage == 3 and cfg.objectives == {"mlm": 1.0, "sop": 0.5}
+    assert cfg.optimizer.lr == 1e-3 and cfg.optimizer.warmup_steps == 10
+    assert cfg.encoder_config().hidden_size == 256 and cfg.encoder_config().num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("table, match", [
+    ({"zero_stage": 4}, "pretrain.zero_stage must be 0, 1, 2 or 3"),
+    ({"zero_stag": 2}, "unknown config key pretrain.zero_stag"),
+    ({"optimizer": {"lrr": 1.0}}, "unknown config key pretrain.optimizer.lrr"),
+    ({"optimizer": {"decay": "step"}}, "pretrain.optimizer.decay must be linear, cosine or constant"),
+    ({"precision": "fp16"}, "pretrain.precision must be fp32 or bf16"),
+    ({"batch_size_per_worker": 4, "num_workers": 2, "global_batch_size": 12}, "must be divisible by"),
+    ({"offload_optimizer": True, "zero_stage": 0}, "offload_optimizer needs zero_stage"),
+    ({"objectives": {"mlm": 1.0, "nspp": 1.0}}, "objectives.nspp: unknown objective"),
+    ({"objectives": {"rtd": 50.0}}, "rtd trains its generator"),
+    ({"model": {**TINY, "hidden_sise": 3}}, "unknown config key model.hidden_sise"),
+    ({"max_seq_len": 128}, "exceeds model.max_position_embeddings"),
+    ({"num_workers": "two"}, "pretrain.num_workers: expected an integer"),
+])
+def test_bad_config_names_the_key(table, match):
+    with pytest.raises(ConfigError, match=match):
+        PretrainConfig.from_dict({"model": TINY, "max_seq_len": 64, **table})
+
+
+def test_resources_checked():
+    cfg = config(num_workers=3, cpus_per_worker=1.0)
+    with pytest.raises(ConfigError, match="3 x 1.0 = 3 CPUs, but the cluster has 2"):
+        check_resources(cfg, available_cpus=2)
+    check_resources(config(num_workers=2, cpus_per_worker=0.5), available_cpus=1)
+    with pytest.raises(ConfigError, match="use_gpu"):
+        check_resources(config(use_gpu=True, num_workers=2), available_cpus=8, available_gpus=1)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_templates_filled(stage):
+    cfg = config(zero_stage=stage, batch_size_per_worker=4, num_workers=2, global_batch_size=24,
+                 precision="bf16", offload_optimizer=stage > 0)
+    ds = deepspeed_config(cfg)
+    assert "auto" not in json.dumps(ds)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (24, 4, 3)
+    assert ds["zero_optimization"]["stage"] == stage and ds["bf16"]["enabled"] is True
+    if stage:
+        assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    if stage == 3:
+        assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert sorted(p.name for p in DEEPSPEED_DIR.glob("zero*.json")) == [f"zero{i}.json" for i in range(4)]
+
+
+def test_accumulation_derived():
+    assert config(batch_size_per_worker=4, num_workers=2, global_batch_size=0).accumulation == 1
+    assert config(batch_size_per_worker=4, num_workers=2, global_batch_size=32).accumulation == 4
+
+
+def test_schedule_warmup_then_decay():
+    lin = WarmupDecay(warmup=4, total=12, decay="linear", min_ratio=0.0)
+    assert [round(lin(s), 4) for s in (0, 3, 4, 8, 12)] == [0.25, 1.0, 1.0, 0.5, 0.0]
+    cos = WarmupDecay(warmup=0, total=10, decay="cosine", min_ratio=0.1)
+    assert cos(0) == pytest.approx(1.0) and cos(5) == pytest.approx(0.55) and cos(10) == pytest.approx(0.1)
+    assert WarmupDecay(2, 10, "constant", 0.0)(9) == 1.0
+
+
+def test_no_weight_decay_on_layernorm_and_bias():
+    model = build_model(config(objectives={"mlm": 1.0, "nsp": 1.0}))
+    decay, no_decay = param_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert all("LayerNorm" in names[id(p)] or "norm" in names[id(p)] or names[id(p)].endswith("bias")
+               for p in no_decay["params"])
+    assert all(names[id(p)].endswith("weight") and p.ndim == 2 for p in decay["params"])
+    total = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+    assert total == sum(p.numel() for p in model.parameters())  # the tied decoder counted once
+
+
+def test_collator_pads_to_8_and_masks_no_specials(tmp_path):
+    synthetic_pair_shards(tmp_path, rows=8, shards=1, vocab_size=128, max_len=21)
+    rows = pq.read_table(shard_files(str(tmp_path))[0]).to_pydict()
+    rows = {k: [torch.tensor(x).numpy() for x in v] if k in ("input_ids", "token_type_ids") else
+            torch.tensor(v).numpy() for k, v in rows.items()}
+    collate = PairCollator(config(mask_prob=0.5), pad_token_id=0, vocab_size=128)
+    a = collate(rows, torch.Generator().manual_seed(1))
+    b = collate(rows, torch.Generator().manual_seed(1))
+    B, T = a["input_ids"].shape
+    assert T % 8 == 0 and T >= max(len(x) for x in rows["input_ids"]) and B == 8
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same seed, same masks
+    picked = a["mlm_labels"] != -100
+    assert picked.any() and not torch.isin(a["mlm_labels"][picked], torch.tensor([0, 101, 102])).any()
+    assert (a["attention_mask"].sum(1).tolist() == [len(x) for x in rows["input_ids"]])
+    assert set(a) >= {"nsp_label", "sop_label", "shuffle_label", "token_type_ids"}
+
+
+def _fake_checkpoint(folder, step, world=2):
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": world}))
+    for r in range(world):
+        (folder / f"shard{r}.pt").write_bytes(b"x" * (10 + r))
+        (folder / f"manifest.rank{r}.json").write_text(json.dumps({f"shard{r}.pt": 10 + r}))
+    return folder
+
+
+def test_incomplete_checkpoints_are_skipped_with_a_message(tmp_path):
+    good = _fake_checkpoint(tmp_path / "checkpoint_00000003", 3)
+    truncated = _fake_checkpoint(tmp_path / "checkpoint_00000006", 6)
+    (truncated / "shard1.pt").write_bytes(b"x")
+    unfinished = _fake_checkpoint(tmp_path / "checkpoint_00000009", 9)
+    (unfinished / "manifest.rank1.json").unlink()
+    assert checkpoint_problem(good) is None
+    assert "shard1.pt is 1 bytes, expected 11 (truncated?)" in checkpoint_problem(truncated)
+    assert "rank 1 never finished writing" in checkpoint_problem(unfinished)
+    messages = []
+    assert latest_valid_checkpoint(tmp_path, log=messages.append) == str(good)
+    assert len(messages) == 2 and all("skipping checkpoint" in m for m in messages)
