@@ -34,6 +34,7 @@ import shutil
 import time
 import uuid
 from collections import Counter
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -347,7 +348,7 @@ class TokenizeSentences:
         for r in range(batch.num_rows):
             encodings = tok.encode_batch_fast(_one(batch, "sentences", r), add_special_tokens=False)
             ids = [e.ids for e in encodings]
-            ids_col.append(np.fromiter((t for s in ids for t in s), dtype=np.int32))
+            ids_col.append(np.array(list(chain.from_iterable(ids)), dtype=np.int32))
             off_col.append(_offsets([len(s) for s in ids]))
         out = batch.drop_columns(["sentences"])
         out = out.append_column("token_ids", pa.array(ids_col, type=pa.list_(pa.int32())))
@@ -383,10 +384,9 @@ class BuildExamples:
         self.continuation = continuation  # whole-word static masking only
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = []
-        for r in range(batch.num_rows):
-            rows.append(self.unit(batch, r))
-        return pa.Table.from_pylist(rows, schema=_EXAMPLES_SCHEMA)
+        rows = [self.unit(batch, r) for r in range(batch.num_rows)]
+        return pa.table({name: pa.array([row[name] for row in rows], type=_EXAMPLES_SCHEMA.field(name).type)
+                         for name in _EXAMPLES_SCHEMA.names})
 
     def unit(self, batch: pa.Table, r: int) -> dict:
         cfg = self.config
@@ -429,9 +429,11 @@ class BuildExamples:
             "builder": dict(counts),
         }
         return {"index": _one(batch, "index", r), "key": key,
-                "input_ids": [t for x in input_ids for t in x], "example_offsets": _offsets(lengths),
-                "token_type_ids": [t for e in examples for t in e[1]], "labels": [e[2] for e in examples],
-                "mlm_labels": [t for x in mlm_labels for t in x], "stats": json.dumps(stats)}
+                "input_ids": np.array(list(chain.from_iterable(input_ids)), dtype=np.int32),
+                "example_offsets": _offsets(lengths),
+                "token_type_ids": np.array(list(chain.from_iterable(e[1] for e in examples)), dtype=np.int8),
+                "labels": np.array([e[2] for e in examples], dtype=np.int8),
+                "mlm_labels": np.array(list(chain.from_iterable(mlm_labels)), dtype=np.int32), "stats": json.dumps(stats)}
 
     def mask(self, input_ids: list[list[int]], key: str) -> tuple[list[list[int]], list[list[int]]]:
         """Static masking (BERT's original): drawn once here, per example, seeded by the unit."""

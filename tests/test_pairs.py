@@ -334,3 +334,17 @@ def test_config_errors_name_the_key():
                                                                                   "data.task": "sop"}
     assert parse_value("true") is True and parse_value("runs/x") == "runs/x"
     assert DataConfig(output="a").config_hash() == DataConfig(output="b", num_workers=3).config_hash()
+
+
+def test_whole_word_masking_masks_all_pieces_of_a_word():
+    # ids 10..: a "##" piece follows each word start, so words are (10, 11), (12, 13), ...
+    continuation = [False] * 10 + [i % 2 == 1 for i in range(90)]
+    special = SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4, vocab_size=100)
+    rows = np.empty(64, dtype=object)
+    rows[:] = [np.array([2, *range(10, 70), 3]) for _ in range(64)]
+    collator = PretrainCollator(special, max_predictions=None, whole_word_masking=True,
+                                continuation=continuation, seed=1)
+    out = collator({"input_ids": rows, "token_type_ids": rows * 0})
+    chosen = out["mlm_labels"][:, 1:61] != -100  # the 60 word pieces of each row
+    assert chosen.any()
+    assert torch.equal(chosen[:, 0::2], chosen[:, 1::2])  # a word's two pieces share their fate
