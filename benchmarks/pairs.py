@@ -73,33 +73,55 @@ class PeakMemory:
         self._thread.join()
 
 
+def cpu_seconds() -> dict[int, float]:
+    """CPU time (user + system) so far of this process and each descendant, by pid."""
+    out = {}
+    me = psutil.Process()
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            out[p.pid] = t.user + t.system
+        except psutil.Error:
+            pass
+    return out
+
+
+def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
+    return sum(v - before.get(pid, 0.0) for pid, v in after.items())
+
+
 def throughput(corpus: str, repeats: int, work: Path) -> list[str]:
     base = dict(inputs=(corpus,), tokenizer=minilm_vocab(), max_seq_len=128, seed=1)
-    ray_rates, ref_rates, ray_tok, ref_tok = [], [], [], []
+    ray_rates, ref_rates, ray_tok, ref_tok, ray_cpu, ref_cpu = [], [], [], [], [], []
     counts = set()
     for r in range(repeats):
         out = work / f"ray{r}"
-        t = time.perf_counter()
+        t, c = time.perf_counter(), cpu_seconds()
         m = build_sentence_pairs(DataConfig(**base, output=str(out)), log=lambda *_: None)
         dt = time.perf_counter() - t
+        ray_cpu.append(cpu_used(c, cpu_seconds()))
         ray_rates.append(m["examples"]["nsp"] / dt)
         ray_tok.append(m["example_tokens"] / dt)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         ref = build_reference(DataConfig(**base, output=""), str(work / f"ref{r}"))
         dt_ref = time.perf_counter() - t
+        ref_cpu.append(time.process_time() - c)
         ref_rates.append(ref["examples"] / dt_ref)
         ref_tok.append(ref["example_tokens"] / dt_ref)
         counts.add((m["examples"]["nsp"], ref["examples"]))
         shutil.rmtree(out)
         shutil.rmtree(work / f"ref{r}")
-        print(f"  repeat {r}: ray {dt:.1f} s, reference {dt_ref:.1f} s", flush=True)
+        print(f"  repeat {r}: ray {dt:.1f} s wall / {ray_cpu[-1]:.1f} CPU-s, reference {dt_ref:.1f} s wall / "
+              f"{ref_cpu[-1]:.1f} CPU-s, load average {os.getloadavg()[0]:.1f}", flush=True)
     (n_ray, n_ref), = counts
     assert n_ray == n_ref, f"output counts differ: ray {n_ray}, reference {n_ref}"
     speedups = [a / b for a, b in zip(ray_rates, ref_rates)]
     return [f"corpus {corpus}: {n_ray} NSP examples per run (both variants), {repeats} interleaved repeats",
             f"Ray Data (2 tasks):   {summary(ray_rates)} examples/s, {summary([x / 1e3 for x in ray_tok])} k tokens/s",
             f"reference (1 proc):   {summary(ref_rates)} examples/s, {summary([x / 1e3 for x in ref_tok])} k tokens/s",
-            f"speed-up:             {summary(speedups)} x"]
+            f"speed-up:             {summary(speedups)} x",
+            f"CPU-seconds, Ray (driver + every Ray process) / reference: "
+            f"{summary([a / b for a, b in zip(ray_cpu, ref_cpu)])} (1.0 = no overhead from distribution)"]
 
 
 def memory(corpus: str, work: Path) -> list[str]:

@@ -124,10 +124,21 @@ def cmd_data(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         print(f"cloze data: error: {e}", file=sys.stderr)
         return 2
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    _quiet_ray_data()
     from .pairs import build_sentence_pairs
 
     build_sentence_pairs(config)
     return 0
+
+
+def _quiet_ray_data() -> None:
+    """The CLI prints its own summary lines; Ray Data's per-second progress logs drown them."""
+    import logging
+
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def _not_implemented(name: str) -> Callable[[argparse.Namespace, dict], int]:

@@ -102,3 +102,24 @@ def test_sop_task_on_loaded_tokenizer(ray_cluster, corpus, tmp_path):
     assert m["tokenizer"]["special_ids"] == {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}
     assert m["examples"]["sop"] > 100 and set(m["label_balance"]["counts"]) == {"0", "1"}
     assert json.loads((tmp_path / "sop" / "tokenizer_config.json").read_text())["do_lower_case"] is True
+
+
+def test_a_run_in_progress_never_looks_finished(ray_cluster, corpus, tmp_path):
+    """What a kill at any moment would leave: shards in `<output>.tmp-*`, no manifest, no output."""
+    import threading
+
+    out = tmp_path / "live"
+    config = DataConfig(inputs=(str(corpus),), vocab_size=2000, shard_bytes=32 * 1024, seed=3,
+                        output=str(out), num_workers=1)
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(build_sentence_pairs(config, log=lambda *_: None)))
+    worker.start()
+    seen_partial = False
+    while worker.is_alive():
+        for tmp in tmp_path.glob("live.tmp-*"):
+            if any(tmp.glob("part-*.parquet")) and not (tmp / "manifest.json").exists():
+                seen_partial = True
+        assert not out.exists() or (out / "manifest.json").exists()  # appears complete, in one rename
+        worker.join(0.05)
+    assert seen_partial and read_manifest(str(out))["cache_key"] == result["cache_key"]
+    assert not list(tmp_path.glob("live.tmp-*"))
