@@ -208,6 +208,15 @@ def check_resources(cfg: PretrainConfig, available_cpus: float, available_gpus: 
                           f"but the cluster has {available_gpus:g}")
 
 
+SMALL_DATA_BYTES = 64 * 2**20
+
+
+def _total_bytes(files: list[str]) -> int:
+    if any("://" in f for f in files):
+        return SMALL_DATA_BYTES + 1  # remote: always streamed
+    return sum(Path(f).stat().st_size for f in files)
+
+
 def shard_files(data: str) -> list[str]:
     """The Parquet shards of a data folder, sorted (the order defines the data stream)."""
     if "://" in data:
@@ -580,11 +589,16 @@ def train_loop_per_worker(config: dict) -> None:
         lr = schedule.get_last_lr()[0]
         sums: dict[str, float] = {}
         tokens = samples = flops = 0.0
+        stage0_norm = None
         for _ in range(cfg.accumulation):
             epoch, index, batch = next(batches)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             out = engine(batch)
             engine.backward(out.loss)
+            if cfg.zero_stage == 0 and engine.is_gradient_accumulation_boundary():
+                # DeepSpeed computes no norm for an fp32 ZeRO-0 step; grads are whole (and averaged) here
+                grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+                stage0_norm = float(torch.stack(grads).norm()) if grads else 0.0
             engine.step()  # DeepSpeed steps the optimizer and lr schedule at the accumulation boundary
             for k, v in out.metrics.items():
                 if not k.endswith("/count"):
@@ -601,7 +615,7 @@ def train_loop_per_worker(config: dict) -> None:
         dt = time.perf_counter() - t0
         tokens_seen += int(vec[-3])
         samples_seen += int(vec[-2])
-        grad_norm = engine.get_global_grad_norm()
+        grad_norm = stage0_norm if cfg.zero_stage == 0 else engine.get_global_grad_norm()
         metrics = {"step": step, **{k: float(vec[i]) / (world * cfg.accumulation) for i, k in enumerate(names)},
                    "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                    "tokens_per_s": float(vec[-3]) / dt, "samples_per_s": float(vec[-2]) / dt,
@@ -714,7 +728,7 @@ def pretrain(cfg: PretrainConfig, resume: str | os.PathLike | None = None, progr
             raise ConfigError(f"resume: {run_dir} is not a run folder")
         resume_from = latest_valid_checkpoint(run_dir, log=log)
         log(f"cloze pretrain: resuming {run_dir} from {resume_from or 'the start (no complete checkpoint)'}")
-    elif not remote and Path(run_dir).exists() and any(Path(run_dir).glob("checkpoint_*")):
+    elif not remote and any(p.is_dir() for p in Path(run_dir).glob("checkpoint_*")):
         raise ConfigError(f"run folder {run_dir} already has checkpoints: pass --resume {run_dir} or pick another name")
 
     if not ray.is_initialized():
@@ -737,11 +751,17 @@ def pretrain(cfg: PretrainConfig, resume: str | os.PathLike | None = None, progr
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True  # the data stream's order is part of the run
-    dataset = ray.data.read_parquet(files)
-    if res.get("CPU", 0.0) - cfg.num_workers * cfg.cpus_per_worker < 1.0:
+    if _total_bytes(files) <= SMALL_DATA_BYTES:
+        # a small corpus is read here and put in the object store whole: no read tasks to schedule
+        import pyarrow.parquet as pq
+
+        dataset = ray.data.from_arrow([pq.read_table(f) for f in files])
+    elif res.get("CPU", 0.0) - cfg.num_workers * cfg.cpus_per_worker < 1.0:
         # Ray Data's read tasks would wait forever for a CPU the workers hold: read it all now
         log("cloze pretrain: no CPU left beside the workers; materializing the dataset before training")
-        dataset = dataset.materialize()
+        dataset = ray.data.read_parquet(files).materialize()
+    else:
+        dataset = ray.data.read_parquet(files)  # streamed by read tasks beside the workers
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"pretrain": cfg.to_dict(), "deepspeed": ds_config, "run": run},
