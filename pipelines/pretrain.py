@@ -103,8 +103,8 @@ class PretrainConfig:
     gpus_per_worker: float = 1.0
     seed: int = 0
     mask_prob: float = 0.15
-    mask_token_id: int = 103  # BERT uncased [MASK]
-    special_token_ids: tuple[int, ...] = (0, 100, 101, 102, 103)  # never masked
+    # (pad, unk, cls, sep, mask) of BERT uncased; used only when the data folder has no tokenizer
+    special_token_ids: tuple[int, ...] = (0, 100, 101, 102, 103)
     log_every: int = 1  # steps between ray.train.report calls (metrics.csv gets every step)
     checkpoint_every: int = 0  # steps; 0 = only at the end
     keep_checkpoints: int = 2
@@ -148,8 +148,9 @@ class PretrainConfig:
         if self.max_seq_len > enc.max_position_embeddings:
             raise ConfigError(f"max_seq_len ({self.max_seq_len}) exceeds model.max_position_embeddings "
                               f"({enc.max_position_embeddings})")
-        if not 0 <= self.mask_token_id < enc.vocab_size:
-            raise ConfigError(f"mask_token_id ({self.mask_token_id}) is outside the vocabulary ({enc.vocab_size})")
+        if len(self.special_token_ids) != 5 or not all(0 <= i < enc.vocab_size for i in self.special_token_ids):
+            raise ConfigError(f"special_token_ids must be 5 ids (pad, unk, cls, sep, mask) below vocab_size "
+                              f"{enc.vocab_size}, got {list(self.special_token_ids)}")
 
     @property
     def accumulation(self) -> int:
@@ -195,6 +196,16 @@ def _init_config(folder: str) -> EncoderConfig:
     if (p / "config.json").is_file():
         return EncoderConfig.from_hf_dict(json.loads((p / "config.json").read_text()))
     raise ConfigError(f"init_from: {folder} is not a model folder (no config.json)")
+
+
+def load_run_config(run_dir: str | os.PathLike) -> PretrainConfig:
+    """The config a run folder was started with, re-rooted at where the folder is now."""
+    path = Path(run_dir)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"resume: {run_dir} is not a run folder (no config.json)")
+    table = json.loads((path / "config.json").read_text())
+    table.update(storage_path=str(path.resolve().parent), name=path.resolve().name)
+    return PretrainConfig.from_dict(table)
 
 
 def check_resources(cfg: PretrainConfig, available_cpus: float, available_gpus: float = 0.0) -> None:
@@ -317,42 +328,35 @@ class WarmupDecay:
 
 # --------------------------------------------------------------------------- data
 
-class PairCollator:
-    """Rows of pair shards -> a model batch: padded to a multiple of 8, masked for MLM.
+def build_collator(cfg: PretrainConfig, vocab_size: int):
+    """The shared collator (`pipelines.collate`): masking settings and special ids from the
+    data folder's manifest + tokenizer when it has them, else from this config."""
+    from .collate import PretrainCollator
+    from .tokenizer import SpecialIds
 
-    Masking is seeded per (seed, epoch, batch, rank), so it is the same in a resumed run."""
+    if "://" not in cfg.data and (Path(cfg.data) / "manifest.json").is_file():
+        collate = PretrainCollator.from_folder(cfg.data, seed=cfg.seed)
+    else:
+        pad, unk, cls, sep, mask = cfg.special_token_ids
+        special = SpecialIds(pad=pad, unk=unk, cls=cls, sep=sep, mask=mask, vocab_size=vocab_size)
+        collate = PretrainCollator(special, mask_prob=cfg.mask_prob, max_predictions=None, seed=cfg.seed)
+    if collate.special.vocab_size > vocab_size:
+        raise ConfigError(f"data: the tokenizer has {collate.special.vocab_size} ids, the model's "
+                          f"vocab_size is {vocab_size}")
+    return collate
 
-    def __init__(self, cfg: PretrainConfig, pad_token_id: int, vocab_size: int):
-        self.cfg, self.pad, self.vocab = cfg, pad_token_id, vocab_size
-        self.special = torch.tensor(sorted(set(cfg.special_token_ids) | {pad_token_id}))
 
-    def __call__(self, rows: Mapping[str, np.ndarray], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        ids_list = [np.asarray(x)[: self.cfg.max_seq_len] for x in rows["input_ids"]]
-        types_list = [np.asarray(x)[: self.cfg.max_seq_len] for x in rows["token_type_ids"]]
-        B = len(ids_list)
-        T = min(self.cfg.max_seq_len, -(-max(len(x) for x in ids_list) // 8) * 8)
-        ids = torch.full((B, T), self.pad, dtype=torch.long)
-        types = torch.zeros((B, T), dtype=torch.long)
-        mask = torch.zeros((B, T), dtype=torch.long)
-        for i, (a, t) in enumerate(zip(ids_list, types_list)):
-            ids[i, : len(a)] = torch.from_numpy(a.astype(np.int64))
-            types[i, : len(t)] = torch.from_numpy(t.astype(np.int64))
-            mask[i, : len(a)] = 1
-        special = torch.isin(ids, self.special) | (mask == 0)
-        masked, labels = mask_tokens(ids, special, mask_token_id=self.cfg.mask_token_id, vocab_size=self.vocab,
-                                     mask_prob=self.cfg.mask_prob, generator=generator)
-        batch = {"input_ids": masked, "attention_mask": mask, "token_type_ids": types, "mlm_labels": labels}
-        for col in LABEL_COLUMNS:
-            if col in rows:
-                batch[col] = torch.as_tensor(np.asarray(rows[col]), dtype=torch.long)
-        return batch
+def seeded_batch(collate, rows: Mapping[str, Any], seed: int) -> dict[str, torch.Tensor]:
+    """Collate with the collator's mask generator reseeded: a batch is a function of its seed."""
+    collate.generator.manual_seed(seed)
+    return collate(rows)
 
 
 def batch_seed(seed: int, epoch: int, index: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 100_003 + index * 101 + rank) % (2**63)
 
 
-def worker_batches(shard, cfg: PretrainConfig, rank: int, world: int, collate: PairCollator,
+def worker_batches(shard, cfg: PretrainConfig, rank: int, world: int, collate,
                    epoch: int, skip: int) -> Iterator[tuple[int, int, dict]]:
     """(epoch, index, batch) forever: global batch `index` of `epoch`, this rank's slice.
 
@@ -372,8 +376,9 @@ def worker_batches(shard, cfg: PretrainConfig, rank: int, world: int, collate: P
             if index < skip:
                 continue
             mine = {k: v[rank * B:(rank + 1) * B] for k, v in rows.items() if k in columns or k in LABEL_COLUMNS}
-            gen = torch.Generator().manual_seed(batch_seed(cfg.seed, epoch, index, rank))
-            yield epoch, index, collate(mine, gen)
+            for k in columns:  # rows longer than max_seq_len are cut
+                mine[k] = [np.asarray(x)[: cfg.max_seq_len] for x in mine[k]]
+            yield epoch, index, seeded_batch(collate, mine, batch_seed(cfg.seed, epoch, index, rank))
         if seen == 0:
             raise ValueError(f"the dataset has fewer rows than one global batch ({B} x {world})")
         epoch, skip = epoch + 1, 0
@@ -576,7 +581,7 @@ def train_loop_per_worker(config: dict) -> None:
         if candidates:
             state = _load_checkpoint(engine, max(candidates)[1], rank)
 
-    collate = PairCollator(cfg, enc_cfg.pad_token_id, enc_cfg.vocab_size)
+    collate = build_collator(cfg, enc_cfg.vocab_size)
     batches = worker_batches(ray.train.get_dataset_shard("train"), cfg, rank, world, collate,
                              state["epoch"], state["index"])
     peak = device_peak_flops(cfg.use_gpu)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from encoder import ConfigError
 from pipelines.pretrain import (
-    DEEPSPEED_DIR, PairCollator, PretrainConfig, WarmupDecay, check_resources, checkpoint_problem,
+    DEEPSPEED_DIR, PretrainConfig, build_collator, seeded_batch, WarmupDecay, check_resources, checkpoint_problem,
     deepspeed_config, latest_valid_checkpoint, param_groups, build_model, shard_files, synthetic_pair_shards,
 )
 
@@ -102,20 +103,21 @@ def test_no_weight_decay_on_layernorm_and_bias():
     assert total == sum(p.numel() for p in model.parameters())  # the tied decoder counted once
 
 
-def test_collator_pads_to_8_and_masks_no_specials(tmp_path):
+def test_batches_are_a_function_of_their_seed(tmp_path):
     synthetic_pair_shards(tmp_path, rows=8, shards=1, vocab_size=128, max_len=21)
-    rows = pq.read_table(shard_files(str(tmp_path))[0]).to_pydict()
-    rows = {k: [torch.tensor(x).numpy() for x in v] if k in ("input_ids", "token_type_ids") else
-            torch.tensor(v).numpy() for k, v in rows.items()}
-    collate = PairCollator(config(mask_prob=0.5), pad_token_id=0, vocab_size=128)
-    a = collate(rows, torch.Generator().manual_seed(1))
-    b = collate(rows, torch.Generator().manual_seed(1))
+    rows = pq.read_table(shard_files(str(tmp_path))[0]).to_pandas().to_dict("list")
+    rows = {k: [np.asarray(x) for x in v] if k in ("input_ids", "token_type_ids") else np.asarray(v)
+            for k, v in rows.items()}
+    cfg = config(mask_prob=0.5, data=str(tmp_path))  # no manifest.json: special ids from the config
+    collate = build_collator(cfg, vocab_size=128)
+    a, b, c = (seeded_batch(collate, rows, seed) for seed in (1, 2, 1))
     B, T = a["input_ids"].shape
     assert T % 8 == 0 and T >= max(len(x) for x in rows["input_ids"]) and B == 8
-    assert all(torch.equal(a[k], b[k]) for k in a)  # same seed, same masks
+    assert all(torch.equal(a[k], c[k]) for k in a)  # same seed, same masks (a resumed run)
+    assert not torch.equal(a["mlm_labels"], b["mlm_labels"])
     picked = a["mlm_labels"] != -100
     assert picked.any() and not torch.isin(a["mlm_labels"][picked], torch.tensor([0, 101, 102])).any()
-    assert (a["attention_mask"].sum(1).tolist() == [len(x) for x in rows["input_ids"]])
+    assert a["attention_mask"].sum(1).tolist() == [len(x) for x in rows["input_ids"]]
     assert set(a) >= {"nsp_label", "sop_label", "shuffle_label", "token_type_ids"}
 
 
@@ -140,3 +142,25 @@ def test_incomplete_checkpoints_are_skipped_with_a_message(tmp_path):
     messages = []
     assert latest_valid_checkpoint(tmp_path, log=messages.append) == str(good)
     assert len(messages) == 2 and all("skipping checkpoint" in m for m in messages)
+
+
+def test_cli_rejects_bad_config_before_ray(capsys):
+    from pipelines.cli import main
+
+    assert main(["pretrain", "--config", "configs/local.toml", "--pretrain.zero_stage", "4"]) == 2
+    assert "pretrain.zero_stage must be 0, 1, 2 or 3, got 4" in capsys.readouterr().err
+    assert main(["pretrain", "--config", "configs/local.toml", "--model.hidden_sise", "8"]) == 2
+    assert "unknown config key model.hidden_sise" in capsys.readouterr().err
+    assert main(["pretrain", "--resume", "no/such/run"]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+
+
+def test_run_config_reloads_where_the_folder_is(tmp_path):
+    from pipelines.pretrain import load_run_config
+
+    cfg = config(zero_stage=3, name="a", storage_path="elsewhere")
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "moved" / "config.json").write_text(json.dumps(cfg.to_dict()))
+    again = load_run_config(tmp_path / "moved")
+    assert again.zero_stage == 3 and again.name == "moved" and again.storage_path == str(tmp_path)
+    assert again.encoder_config() == cfg.encoder_config()
