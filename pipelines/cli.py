@@ -20,7 +20,6 @@ from encoder.config import ConfigError
 
 STAGES_TODO = {
     "run": "run the whole DAG (data -> pretrain -> finetune -> evaluate -> export)",
-    "pretrain": "pretrain the encoder with Ray Train + DeepSpeed",
     "finetune": "fine-tune a [CLS] or token classifier",
     "evaluate": "evaluate a model against baselines",
     "export": "export a Hugging Face-compatible model folder",
@@ -141,6 +140,30 @@ def _quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+def cmd_pretrain(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from .pretrain import PretrainConfig, load_run_config, pretrain
+
+    try:
+        bad = next((k for k in overrides if k.split(".", 1)[0] not in ("pretrain", "model")), None)
+        if bad:
+            raise ConfigError(f"{bad}: `cloze pretrain` reads only the [pretrain] and [model] tables")
+        if args.resume:
+            if args.config or overrides:
+                raise ConfigError("--resume continues a run with its saved config: no --config or overrides")
+            config = load_run_config(args.resume)
+        else:
+            config = PretrainConfig.from_toml(args.config, overrides)
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        _quiet_ray_data()
+        result = pretrain(config, resume=args.resume)
+    except ConfigError as e:
+        print(f"cloze pretrain: error: {e}", file=sys.stderr)
+        return 2
+    print(f"cloze pretrain: {result.metrics.get('step', 0):.0f} steps, loss {result.metrics.get('loss', float('nan')):.4f}; "
+          f"run folder {result.run_dir}; model {result.model_dir}")
+    return 0
+
+
 def _not_implemented(name: str) -> Callable[[argparse.Namespace, dict], int]:
     def run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         print(f"cloze {name}: not implemented yet", file=sys.stderr)
@@ -157,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     data.add_argument("--config", metavar="FILE.toml", help="TOML file; its [data] table is read (default: built-in defaults)")
     data.set_defaults(run=cmd_data)
+    pre = sub.add_parser("pretrain", help="pretrain the encoder with Ray Train + DeepSpeed ZeRO",
+                         description="Pretrain the encoder on `cloze data` shards: Ray Train TorchTrainer, "
+                                     "DeepSpeed ZeRO 0-3 in each worker, checkpoints, HF export.",
+                         epilog="overrides: --pretrain.KEY VALUE (e.g. --pretrain.zero_stage 3, "
+                                "--pretrain.optimizer.lr 1e-3) and --model.KEY VALUE (e.g. --model.preset mini)")
+    pre.add_argument("--config", metavar="FILE.toml", help="TOML file; its [pretrain] and [model] tables are read")
+    pre.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its newest complete checkpoint")
+    pre.set_defaults(run=cmd_pretrain)
     for name, help_text in STAGES_TODO.items():
         p = sub.add_parser(name, help=f"{help_text} (not implemented yet)", description=help_text)
         p.add_argument("--config", metavar="FILE.toml")
