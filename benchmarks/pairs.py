@@ -26,6 +26,10 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process, in both variants
+# Ray starts its workers at nice 15 (RAY_worker_niceness) while the reference runs in this
+# nice-0 process: on a machine shared with other work that alone decides the race. Same
+# priority for both, so the comparison measures the pipeline, not the scheduler.
+os.environ.setdefault("RAY_worker_niceness", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import psutil  # noqa: E402

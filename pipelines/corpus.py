@@ -327,8 +327,13 @@ def read_unit(unit: Unit, config: DataConfig) -> UnitDocuments:
                 continue
             take(doc_id, raw)
     elif unit.kind == JSONL:
-        fs, p = _filesystem(unit.paths[0])
-        with fs.open_input_file(p) as f:
+        try:
+            fs, p = _filesystem(unit.paths[0])
+            f = fs.open_input_file(p)
+        except (OSError, pa.ArrowException):  # gone or unreadable since planning
+            out.skipped.append((f"{unit.doc_ids[0]}@{unit.start}-{unit.end}", UNREADABLE))
+            return out
+        with f:
             for offset, line in _jsonl_lines(f, unit.start, unit.end):
                 doc_id = f"{unit.doc_ids[0]}@{offset}"
                 if not line.strip():
@@ -346,9 +351,13 @@ def read_unit(unit: Unit, config: DataConfig) -> UnitDocuments:
                     continue
                 take(doc_id, text)
     else:
-        fs, p = _filesystem(unit.paths[0])
-        with fs.open_input_file(p) as f:
-            table = pq.ParquetFile(f).read_row_group(unit.row_group, columns=[config.text_column])
+        try:
+            fs, p = _filesystem(unit.paths[0])
+            with fs.open_input_file(p) as f:
+                table = pq.ParquetFile(f).read_row_group(unit.row_group, columns=[config.text_column])
+        except (OSError, pa.ArrowException):
+            out.skipped.append((f"{unit.doc_ids[0]}#{unit.row_group}:{unit.start}-{unit.end}", UNREADABLE))
+            return out
         for row, text in enumerate(table.column(0).slice(unit.start, unit.end - unit.start).to_pylist()):
             take(f"{unit.doc_ids[0]}#{unit.row_group}:{unit.start + row}", text)
     return out
