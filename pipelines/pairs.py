@@ -590,7 +590,7 @@ def read_manifest(folder: str) -> dict | None:
 # ---------------------------------------------------------------- the stage
 
 
-def _tokenizer_for(config: DataConfig, plan, tmp: str, build) -> Any:
+def _tokenizer_for(config: DataConfig, plan, build) -> Any:
     if config.tokenizer != "train":
         return load_tokenizer(config.tokenizer, config.lowercase)
     ctx = __import__("ray").data.DataContext.get_current()
@@ -647,7 +647,7 @@ def build_sentence_pairs(config: DataConfig, *, log=print) -> dict:
     try:
         log(f"cloze data: {len(plan.units)} units from {len(config.inputs)} input(s), task {config.task}, "
             f"{workers} workers")
-        tok = _tokenizer_for(config, plan, tmp, units_dataset)
+        tok = _tokenizer_for(config, plan, units_dataset)
         special = SpecialIds.of(tok)
         local_tmp = not ("://" in tmp)
         save_tokenizer(tok, tmp if local_tmp else _local_staging(tmp))
