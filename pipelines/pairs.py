@@ -632,8 +632,8 @@ def build_sentence_pairs(config: DataConfig, *, log=print) -> dict:
         return previous
     if not ray.is_initialized():
         ray.init(num_cpus=config.num_workers or None, include_dashboard=False, log_to_driver=False)
-    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
-    workers = config.num_workers or cpus
+    # an upper bound: Ray runs as many of these tasks as there are free CPUs at each moment
+    workers = config.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     blocks = config.num_blocks or len(plan.units)
 
     def units_dataset(units):
