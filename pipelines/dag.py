@@ -1,4 +1,8 @@
-"""`cloze run`: the whole pipeline as one Ray DAG (`ray.dag`: `.bind()` then `.execute()`).
+"""`cloze run`: the whole pipeline as one Ray DAG of tasks chained by their ObjectRefs.
+
+(`ray.dag`'s `DAGNode.execute()` is deprecated in Ray 2.60, so the graph is built from
+plain `.remote()` calls: a task that receives another task's ref waits for it, which is
+the same dependency graph, scheduled by Ray, with no API on its way out.)
 
     data (Ray Data pairs) -> pretrain (Ray Train + DeepSpeed) -> [finetune -> evaluate -> deploy]
 
@@ -116,14 +120,14 @@ def _pretrain_stage(pre_cfg: dict, data_out: dict) -> dict:
     return out
 
 
-def build_dag(plan: RunPlan):
-    """The DAG of the stages that exist: data -> pretrain."""
+def launch_dag(plan: RunPlan):
+    """Submit the stages that exist, data -> pretrain; returns the last stage's ObjectRef."""
     import ray
 
     data_task = ray.remote(num_cpus=0)(_data_stage)
     pretrain_task = ray.remote(num_cpus=0)(_pretrain_stage)
     data_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(plan.data).items()}
-    return pretrain_task.bind(plan.pretrain.to_dict(), data_task.bind(data_cfg))
+    return pretrain_task.remote(plan.pretrain.to_dict(), data_task.remote(data_cfg))
 
 
 def run(config_path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None,
@@ -135,7 +139,7 @@ def run(config_path: str | os.PathLike | None = None, overrides: Mapping[str, An
         ray.init(include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}})
     t0 = time.perf_counter()
-    out = ray.get(build_dag(plan).execute())
+    out = ray.get(launch_dag(plan))
     log(f"cloze run: data -> {plan.data.output}")
     log(f"cloze run: pretrain -> {out['model_dir']}"
         + (" (cached)" if out.get("skipped") else f" in {time.perf_counter() - t0:.0f} s"))
