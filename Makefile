@@ -31,8 +31,11 @@ test: install
 test-unit: install
 	$(BIN)/python -m pytest -q tests -m "not ray and not e2e and not gpu"
 
+# Each script runs its own baseline in the same run; figures go to BENCHMARKS.md by hand,
+# with the machine the script prints. Run on a quiet machine: they compare wall clocks.
 bench: install
 	$(BIN)/python benchmarks/encoder_step.py
+	$(BIN)/python benchmarks/pairs.py
 
 clean:
 	rm -rf $(VENV) .torch_extensions runs
