@@ -151,3 +151,14 @@ def test_bad_config_rejected_before_workers(ray_cluster, data, runs):
     assert not (Path(runs) / "too-many").exists()
     with pytest.raises(ConfigError, match="no .parquet shards"):
         pretrain(make_config(str(runs), runs, "no-data"), progress=False)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_nccl_trains(ray_cluster, data, runs):
+    """The GPU path: one worker per GPU (NCCL), bf16, ZeRO-2. Skipped without CUDA."""
+    workers = min(2, torch.cuda.device_count())
+    result = pretrain(make_config(data, runs, "gpu", use_gpu=True, gpus_per_worker=1.0, precision="bf16",
+                                  zero_stage=2, num_workers=workers, cpus_per_worker=1.0,
+                                  batch_size_per_worker=8 // workers), progress=False)
+    loss_falls(result)
+    assert result.metrics["mfu"] > 0 and Path(result.model_dir, "model.safetensors").is_file()
