@@ -26,7 +26,7 @@ run: install
 	$(BIN)/cloze run
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=10 tests
 
 test-unit: install
 	$(BIN)/python -m pytest -q tests -m "not ray and not e2e and not gpu"
