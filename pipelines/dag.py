@@ -68,7 +68,8 @@ def plan_run(config_path: str | os.PathLike | None, overrides: Mapping[str, Any]
     model = dict(table.get("model", {"preset": "tiny"}))
     if not table.get("init_from"):
         # the vocabulary the data stage will write; checked again against its manifest
-        model.setdefault("vocab_size", data.vocab_size if data.tokenizer == "train" else model.get("vocab_size", 30522))
+        if data.tokenizer == "train":
+            model.setdefault("vocab_size", data.vocab_size)
         model.setdefault("max_position_embeddings", max(512, data.max_seq_len))
         table["model"] = model
     table.setdefault("max_seq_len", data.max_seq_len)
