@@ -317,8 +317,6 @@ def load_pretrained(
         raise ValueError(f"{folder}: no BERT embeddings found in model.safetensors")
     src_arch = {"": "BertModel", "bert.": arch if arch != "BertModel" else "BertForPreTraining",
                 "electra.": "ElectraForPreTraining"}[src_prefix]
-    if isinstance(model, (SequenceClassifier, TokenClassifier)) and _HF_KIND[arch] == kind:
-        src_arch = arch
     pairs = dict(hf_key_map(model, src_arch))
     if isinstance(model, (SequenceClassifier, TokenClassifier)) and not _HF_KIND[arch] == kind:
         pairs.pop("classifier.weight", None), pairs.pop("classifier.bias", None)
@@ -331,7 +329,7 @@ def load_pretrained(
         pairs = {n: (tuple(src_prefix + k for k in s) if isinstance(s, tuple) else src_prefix + s)
                  for n, s in pairs.items()}
 
-    state, aliases = _unique_state(model)
+    state, _ = _unique_state(model)
     used: set[str] = set()
     loaded, fresh = [], []
     with torch.no_grad():
@@ -355,6 +353,4 @@ def load_pretrained(
                  "generator_lm_head.weight"}
     model.load_report = {"loaded": loaded, "fresh": fresh,
                          "unused": sorted(k for k in tensors if k not in used and k not in ignorable)}
-    if frozen is not None and isinstance(model, (SequenceClassifier, TokenClassifier)):
-        model.encoder.set_frozen(frozen)
     return model

@@ -62,9 +62,7 @@ def plan_run(config_path: str | os.PathLike | None, overrides: Mapping[str, Any]
         raise ConfigError(f"unknown config table [{unknown[0]}] (cloze run reads [data], [model], [pretrain])")
     data = DataConfig.from_dict(raw.get("data", {}))
     plan_units(data)  # a missing input path fails here
-    table = dict(raw.get("pretrain", {}))
-    if "model" in raw:
-        table["model"] = raw["model"]
+    table = PretrainConfig.table_from_raw(raw)
     model = dict(table.get("model", {"preset": "tiny"}))
     if not table.get("init_from"):
         # the vocabulary the data stage will write; checked again against its manifest

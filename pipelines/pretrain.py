@@ -184,12 +184,17 @@ class PretrainConfig:
         raw = load_toml(path) if path else {}
         if overrides:
             raw = apply_overrides(raw, overrides)
+        return cls.from_dict(cls.table_from_raw(raw))
+
+    @staticmethod
+    def table_from_raw(raw: Mapping[str, Any]) -> dict[str, Any]:
+        """The `[pretrain]` table of a whole run config, with the `[model]` table folded in."""
         table = dict(raw.get("pretrain", {}))
         if "model" in table:
             raise ConfigError("pretrain.model: put the model shape in the [model] table")
         if "model" in raw:
             table["model"] = raw["model"]
-        return cls.from_dict(table)
+        return table
 
 
 def _init_config(folder: str) -> EncoderConfig:
