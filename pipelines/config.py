@@ -49,7 +49,7 @@ class DataConfig:
     shard_bytes: int = 1024 * 1024  # input bytes per work unit; one unit = one output shard
     replicate: int = 1  # read the inputs N times (benchmarks: corpus growth); copies get own randomness
     num_workers: int = 0  # Ray tasks at once; 0 = the cluster's CPUs
-    num_blocks: int = 0  # Ray blocks for the unit list; 0 = one per unit (output never depends on it)
+    num_blocks: int = 0  # Ray tasks the units are cut into; 0 = auto (~8 units a task, >= 2 tasks a worker). Output never depends on it
     cache_dir: str = ""  # where bundled corpora are unpacked; "" = ~/.cache/cloze
 
     def __post_init__(self) -> None:

@@ -613,6 +613,18 @@ def cache_key(config: DataConfig, plan_fingerprint: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+UNITS_PER_TASK = 8
+
+
+def default_blocks(units: int, workers: int) -> int:
+    """How many Ray tasks (blocks) the unit list is cut into when `num_blocks` is 0.
+
+    Each Ray Data task costs ~0.1 s of scheduling on top of its work; one task per ~1 MiB
+    unit left the 2 CPUs here ~30% idle (20NG: 9.4 s vs 7.2 s with 4 tasks). So a task takes
+    about UNITS_PER_TASK units, and every worker still gets at least two tasks (balance)."""
+    return max(1, min(units, max(2 * workers, -(-units // UNITS_PER_TASK))))
+
+
 def build_sentence_pairs(config: DataConfig, *, log=print) -> dict:
     """Run the stage: `config.output` gets Parquet shards, the tokenizer and manifest.json.
 
@@ -634,7 +646,7 @@ def build_sentence_pairs(config: DataConfig, *, log=print) -> dict:
         ray.init(num_cpus=config.num_workers or None, include_dashboard=False, log_to_driver=False)
     # an upper bound: Ray runs as many of these tasks as there are free CPUs at each moment
     workers = config.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    blocks = config.num_blocks or len(plan.units)
+    blocks = config.num_blocks or default_blocks(len(plan.units), workers)
 
     def units_dataset(units):
         return ray.data.from_items([{"unit": u.to_json()} for u in units],

@@ -112,6 +112,12 @@ class PretrainConfig:
     checkpoint_every: int = 0  # steps; 0 = only at the end
     keep_checkpoints: int = 2
     max_failures: int = 0  # worker failures Ray Train recovers from (from the last checkpoint)
+    # Held-out evaluation (before the first step, at every checkpoint and at the end): the last
+    # `eval_shards` shards of `data` are kept out of training, or `eval_data` names a folder of
+    # shards. Up to `eval_batches` global batches, with masks fixed across evaluations.
+    eval_shards: int = 0
+    eval_data: str = ""
+    eval_batches: int = 8
 
     def __post_init__(self) -> None:
         checks = [
@@ -131,6 +137,8 @@ class PretrainConfig:
             ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0"),
             ("keep_checkpoints", self.keep_checkpoints >= 1, "must be >= 1"),
             ("max_failures", self.max_failures >= -1, "must be >= -1 (-1 = unlimited)"),
+            ("eval_shards", self.eval_shards >= 0, "must be >= 0"),
+            ("eval_batches", self.eval_batches >= 1, "must be >= 1"),
             ("name", bool(self.name) and "/" not in self.name, "must be a non-empty folder name"),
         ]
         for key, ok, why in checks:
@@ -141,6 +149,8 @@ class PretrainConfig:
             raise ConfigError(
                 f"global_batch_size ({self.global_batch_size}) must be divisible by batch_size_per_worker x "
                 f"num_workers ({self.batch_size_per_worker} x {self.num_workers} = {unit})")
+        if self.eval_shards and self.eval_data:
+            raise ConfigError("eval_shards and eval_data: give one (held-out shards of `data`, or another folder)")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ConfigError("offload_optimizer needs zero_stage 1, 2 or 3")
         try:
@@ -252,6 +262,34 @@ def shard_files(data: str) -> list[str]:
     if not files:
         raise ConfigError(f"data: no .parquet shards under {data!r}")
     return files
+
+
+def split_shards(cfg: PretrainConfig) -> tuple[list[str], list[str]]:
+    """(training shards, held-out shards): the last `eval_shards` of `data`, or `eval_data`'s."""
+    files = shard_files(cfg.data)
+    if cfg.eval_data:
+        return files, shard_files(cfg.eval_data)
+    if not cfg.eval_shards:
+        return files, []
+    if cfg.eval_shards >= len(files):
+        raise ConfigError(f"eval_shards ({cfg.eval_shards}) must leave training shards: {cfg.data!r} has "
+                          f"{len(files)}")
+    return files[:-cfg.eval_shards], files[-cfg.eval_shards:]
+
+
+def read_rows(files: list[str], limit: int) -> dict[str, list]:
+    """The first `limit` rows of some shards, as python lists (a small held-out set)."""
+    import pyarrow.parquet as pq
+
+    out: dict[str, list] = {}
+    for f in files:
+        have = len(out.get("input_ids", []))
+        if have >= limit:
+            break
+        table = pq.read_table(f)
+        for name in table.column_names:
+            out.setdefault(name, []).extend(table.column(name).to_pylist()[: limit - have])
+    return out
 
 
 # --------------------------------------------------------------------------- DeepSpeed
@@ -496,12 +534,12 @@ def device_peak_flops(use_gpu: bool) -> float:
 
 
 class MetricsWriter:
-    """metrics.csv + TensorBoard events in the run folder (rank 0). A restarted worker
-    re-writes the steps after its checkpoint; readers keep the last row per step."""
+    """metrics.csv (+ eval.csv) + TensorBoard events in the run folder (rank 0). A restarted
+    worker re-writes the steps after its checkpoint; readers keep the last row per step."""
 
     def __init__(self, folder: str | None):
         self.folder = Path(folder) if folder else None
-        self.columns: list[str] | None = None
+        self.columns: dict[str, list[str]] = {}
         self.tb = None
         if self.folder:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -512,20 +550,20 @@ class MetricsWriter:
             except Exception:  # tensorboard not installed: CSV only
                 self.tb = None
 
-    def write(self, metrics: Mapping[str, float]) -> None:
+    def write(self, metrics: Mapping[str, float], file: str = "metrics.csv") -> None:
         if not self.folder:
             return
-        path = self.folder / "metrics.csv"
-        if self.columns is None:
-            self.columns = list(metrics)
+        path = self.folder / file
+        if file not in self.columns:
+            self.columns[file] = list(metrics)
             if path.is_file() and path.stat().st_size:
                 with path.open() as f:
-                    self.columns = next(csv.reader(f))
+                    self.columns[file] = next(csv.reader(f))
             else:
                 with path.open("w", newline="") as f:
-                    csv.writer(f).writerow(self.columns)
+                    csv.writer(f).writerow(self.columns[file])
         with path.open("a", newline="") as f:
-            csv.writer(f).writerow([metrics.get(c, "") for c in self.columns])
+            csv.writer(f).writerow([metrics.get(c, "") for c in self.columns[file]])
         if self.tb is not None:
             for k, v in metrics.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -536,9 +574,9 @@ class MetricsWriter:
             self.tb.close()
 
 
-def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, float]]:
-    """Rows of metrics.csv, one per step (the last written wins), in step order."""
-    path = Path(run_dir) / "metrics.csv"
+def read_metrics(run_dir: str | os.PathLike, file: str = "metrics.csv") -> list[dict[str, float]]:
+    """Rows of metrics.csv (or eval.csv), one per step (the last written wins), in step order."""
+    path = Path(run_dir) / file
     if not path.is_file():
         return []
     rows: dict[int, dict] = {}
@@ -546,6 +584,94 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, float]]:
         for row in csv.DictReader(f):
             rows[int(row["step"])] = {k: float(v) for k, v in row.items() if v not in ("", None)}
     return [rows[s] for s in sorted(rows)]
+
+
+EVAL_EPOCH = -1  # seeds the held-out batches' masks: the same at every evaluation
+
+
+def evaluate(engine, rows: Mapping[str, list], cfg: PretrainConfig, rank: int, world: int, collate,
+             device) -> dict[str, float]:
+    """Held-out metrics: each rank takes its slice of every global eval batch (so ZeRO-3
+    ranks run the same number of forwards); losses and accuracies are averaged over
+    labelled positions across ranks. Keys: eval/loss, eval/<objective>/{loss,acc}."""
+    B = cfg.batch_size_per_worker
+    n = min(cfg.eval_batches, len(rows.get("input_ids", [])) // (B * world))
+    if n == 0:
+        raise ValueError(f"the held-out set has fewer rows than one global batch ({B} x {world})")
+    sums: dict[str, float] = {}
+    engine.eval()
+    with torch.no_grad():
+        for e in range(n):
+            lo = (e * world + rank) * B
+            mine = {k: [np.asarray(x)[: cfg.max_seq_len] for x in rows[k][lo:lo + B]]
+                    for k in ("input_ids", "token_type_ids")}
+            mine.update({k: np.asarray(rows[k][lo:lo + B]) for k in LABEL_COLUMNS if k in rows})
+            batch = seeded_batch(collate, mine, batch_seed(cfg.seed, EVAL_EPOCH, e, rank))
+            out = engine({k: v.to(device) for k, v in batch.items()})
+            metrics = {k: float(v) for k, v in out.metrics.items()}
+            sums["loss"] = sums.get("loss", 0.0) + metrics["loss"]
+            for key, count in metrics.items():
+                if key.endswith("/count"):
+                    name = key[: -len("/count")]
+                    for part in ("loss", "acc"):
+                        sums[f"{name}/{part}"] = sums.get(f"{name}/{part}", 0.0) + metrics[f"{name}/{part}"] * count
+                    sums[key] = sums.get(key, 0.0) + count
+    engine.train()
+    names = sorted(sums)
+    vec = torch.tensor([sums[k] for k in names], dtype=torch.float64)
+    if world > 1:
+        torch.distributed.all_reduce(vec)
+    total = dict(zip(names, vec.tolist()))
+    out = {"eval/loss": total["loss"] / (n * world)}
+    for key in names:
+        if key.endswith("/count"):
+            name = key[: -len("/count")]
+            for part in ("loss", "acc"):
+                out[f"eval/{name}/{part}"] = total[f"{name}/{part}"] / max(total[key], 1.0)
+    return out
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every tensor storage alive in this process (views and shared storages once):
+    after a step that is the model states (parameters, gradients, optimizer states, ZeRO
+    partitions and buffers) plus a batch."""
+    import gc
+
+    seen: dict[int, int] = {}
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and not obj.is_meta:
+                storage = obj.untyped_storage()
+                if storage.data_ptr():
+                    seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        except Exception:  # a tensor subclass without storage
+            continue
+    return sum(seen.values())
+
+
+def max_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def gather_per_rank(value: float, rank: int, world: int) -> list[float]:
+    vec = torch.zeros(world, dtype=torch.float64)
+    vec[rank] = value
+    if world > 1:
+        torch.distributed.all_reduce(vec)
+    return vec.tolist()
+
+
+def _write_memory(engine, cfg: PretrainConfig, run: dict, rank: int, world: int, step: int) -> None:
+    """memory.json (rank 0): every rank's live tensor bytes and peak RSS, mid-step."""
+    tensors, rss = gather_per_rank(live_tensor_bytes(), rank, world), gather_per_rank(max_rss_bytes(), rank, world)
+    if rank == 0 and run.get("metrics_dir"):
+        params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+        (Path(run["metrics_dir"]) / "memory.json").write_text(json.dumps(
+            {"measured": f"step {step}, after backward, before the optimizer update", "zero_stage": cfg.zero_stage,
+             "precision": cfg.precision, "offload_optimizer": cfg.offload_optimizer, "world_size": world,
+             "parameters": params, "live_tensor_bytes": tensors, "max_rss_bytes": rss}, indent=2))
 
 
 # --------------------------------------------------------------------------- the worker
@@ -595,7 +721,20 @@ def train_loop_per_worker(config: dict) -> None:
     peak = device_peak_flops(cfg.use_gpu)
     writer = MetricsWriter(run.get("metrics_dir") if rank == 0 else None)
     step, tokens_seen, samples_seen = state["step"], state["tokens"], state["samples"]
+    start_step = step
     metrics: dict[str, float] = {}
+    held_out = read_rows(run["eval_files"], cfg.eval_batches * cfg.batch_size_per_worker * world) \
+        if run.get("eval_files") else None
+
+    def held_out_eval(at_step: int) -> dict[str, float]:
+        if held_out is None:
+            return {}
+        result = evaluate(engine, held_out, cfg, rank, world, collate, device)
+        writer.write({"step": at_step, **result, "time": time.time()}, file="eval.csv")
+        return result
+
+    if step == 0:
+        held_out_eval(0)  # the starting point the final evaluation is compared with
     engine.train()
     while step < cfg.max_steps and not (cfg.max_tokens and tokens_seen >= cfg.max_tokens):
         t0 = time.perf_counter()
@@ -612,6 +751,10 @@ def train_loop_per_worker(config: dict) -> None:
                 # DeepSpeed computes no norm for an fp32 ZeRO-0 step; grads are whole (and averaged) here
                 grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
                 stage0_norm = float(torch.stack(grads).norm()) if grads else 0.0
+            if step == start_step + 1 and engine.is_gradient_accumulation_boundary():
+                # this worker's 2nd step, before the update: gradients are alive and the optimizer
+                # states exist (they appear at the first update), so model states are all allocated
+                _write_memory(engine, cfg, run, rank, world, step + 1)
             engine.step()  # DeepSpeed steps the optimizer and lr schedule at the accumulation boundary
             for k, v in out.metrics.items():
                 if not k.endswith("/count"):
@@ -634,13 +777,14 @@ def train_loop_per_worker(config: dict) -> None:
                    "tokens_per_s": float(vec[-3]) / dt, "samples_per_s": float(vec[-2]) / dt,
                    "mfu": float(vec[-1]) / dt / (peak * world) if peak else 0.0,
                    "tokens": tokens_seen, "samples": samples_seen, "epoch": epoch, "batch_index": index,
-                   "step_time_s": dt, "time": time.time()}
+                   "step_time_s": dt, "max_rss_mb": max_rss_bytes() / 2**20, "time": time.time()}
         writer.write(metrics)
         state = {"step": step, "epoch": epoch, "index": index + 1, "tokens": tokens_seen,
                  "samples": samples_seen, "world_size": world}
         done = step >= cfg.max_steps or (cfg.max_tokens and tokens_seen >= cfg.max_tokens)
         stop = run.get("stop_at_step") == step
         if done or stop or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            metrics.update(held_out_eval(step))
             with tempfile.TemporaryDirectory(prefix="cloze-ckpt-") as tmp:
                 _save_checkpoint(engine, Path(tmp), state, rank)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -700,6 +844,7 @@ class PretrainResult:
     model_dir: str | None
     metrics: dict[str, float]
     checkpoint: str | None
+    evals: list[dict[str, float]] = field(default_factory=list)  # eval.csv: held-out metrics by step
 
 
 def _progress(run_dir: Path, total: int, stop: threading.Event) -> None:
@@ -726,7 +871,7 @@ def pretrain(cfg: PretrainConfig, resume: str | os.PathLike | None = None, progr
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    files = shard_files(cfg.data)
+    files, eval_files = split_shards(cfg)
     if cfg.init_from:
         _init_config(cfg.init_from)
     remote = "://" in cfg.storage_path
@@ -756,7 +901,7 @@ def pretrain(cfg: PretrainConfig, resume: str | os.PathLike | None = None, progr
     ext_dir = torch_extensions_dir()
     Path(ext_dir).mkdir(parents=True, exist_ok=True)
     run = {"run_dir": run_dir, "metrics_dir": local_dir, "export_dir": f"{run_dir}/model",
-           "resume_from": resume_from, "torch_extensions_dir": ext_dir,
+           "resume_from": resume_from, "torch_extensions_dir": ext_dir, "eval_files": eval_files,
            "fault_at_step": int(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None,
            "fault_marker": str(Path(local_dir) / ".fault_injected"),
            "stop_at_step": int(os.environ[STOP_ENV]) if os.environ.get(STOP_ENV) else None}
@@ -803,7 +948,20 @@ def pretrain(cfg: PretrainConfig, resume: str | os.PathLike | None = None, progr
     if not remote and not Path(model_dir, "cloze.json").is_file():
         model_dir = None  # stopped before the end (test hook)
     ckpt = result.checkpoint.path if result.checkpoint else None
-    return PretrainResult(run_dir=run_dir, model_dir=model_dir, metrics=dict(result.metrics or {}), checkpoint=ckpt)
+    evals = read_metrics(local_dir, "eval.csv")
+    if evals:
+        log(held_out_summary(evals))
+    return PretrainResult(run_dir=run_dir, model_dir=model_dir, metrics=dict(result.metrics or {}), checkpoint=ckpt,
+                          evals=evals)
+
+
+def held_out_summary(evals: list[dict[str, float]]) -> str:
+    """'held-out mlm acc 0.001 -> 0.212 (step 0 -> 200), ...' from eval.csv rows."""
+    first, last = evals[0], evals[-1]
+    parts = [f"{k[len('eval/'):-len('/acc')]} acc {first[k]:.3f} -> {last[k]:.3f}"
+             for k in sorted(last) if k.startswith("eval/") and k.endswith("/acc") and k in first]
+    parts.append(f"loss {first['eval/loss']:.3f} -> {last['eval/loss']:.3f}")
+    return f"cloze pretrain: held-out {', '.join(parts)} (step {first['step']:.0f} -> {last['step']:.0f})"
 
 
 # --------------------------------------------------------------------------- synthetic data

@@ -8,6 +8,7 @@ Each run is about half a minute of fixed Ray Train cost, so every run checks sev
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -29,7 +30,10 @@ STEPS = 20
 def data(tmp_path_factory):
     """One epoch = STEPS global batches of 2 workers x 4 rows (a new epoch would cost a new
     Ray Data execution per worker)."""
-    return str(synthetic_pair_shards(tmp_path_factory.mktemp("pairs"), rows=STEPS * 8, shards=2, vocab_size=128))
+    base = tmp_path_factory.mktemp("pretrain-data")
+    # another draw of the same kind of rows: the held-out set every run evaluates on
+    synthetic_pair_shards(base / "held-out", rows=64, shards=1, vocab_size=128, seed=1)
+    return str(synthetic_pair_shards(base / "train", rows=STEPS * 8, shards=2, vocab_size=128))
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +43,7 @@ def runs(tmp_path_factory):
 
 def make_config(data, runs, name, **kw) -> PretrainConfig:
     table = {"data": data, "storage_path": str(runs), "name": name, "model": TINY, "max_seq_len": 64,
+             "eval_data": str(Path(data).parent / "held-out") if (Path(data).parent / "held-out").is_dir() else "",
              "objectives": {"mlm": 1.0, "nsp": 1.0}, "batch_size_per_worker": 4, "num_workers": 2,
              "cpus_per_worker": 1.0, "max_steps": STEPS, "checkpoint_every": 6, "keep_checkpoints": 2,
              "zero_stage": 0, "seed": 7, "optimizer": {"lr": 3e-3, "warmup_steps": 2}}
@@ -78,12 +83,23 @@ def test_zero0_trains_and_reports_everything(reference):
     assert sorted(p.name for p in run.glob("checkpoint_0*")) == ["checkpoint_00000018", "checkpoint_00000020"]
     info = (Path(reference.model_dir) / "cloze.json").read_text()
     assert '"nsp"' in info and '"final_metrics"' in info
+    # held-out evaluation before the first step, at every checkpoint and at the end
+    evals = read_metrics(reference.run_dir, "eval.csv")
+    assert [int(r["step"]) for r in evals] == [0, 6, 12, 18, 20] and evals == reference.evals
+    assert evals[-1]["eval/mlm/loss"] < evals[0]["eval/mlm/loss"] - 0.3
+    assert 0 <= evals[0]["eval/nsp/acc"] <= 1 and m["eval/mlm/acc"] == evals[-1]["eval/mlm/acc"]
+    mem = json.loads((run / "memory.json").read_text())
+    # fp32 ZeRO-0 keeps parameters, gradients and Adam's two moments whole on every rank: >= 16 bytes each
+    assert len(mem["live_tensor_bytes"]) == 2 and min(mem["live_tensor_bytes"]) >= 16 * mem["parameters"]
 
 
 def test_zero3_matches_zero0(reference, data, runs):
     result = pretrain(make_config(data, runs, "zero3", zero_stage=3), progress=False)
     loss_falls(result)
     assert max_diff(weights(result), weights(reference)) < 1e-5
+    assert result.evals[-1]["eval/mlm/loss"] == pytest.approx(reference.evals[-1]["eval/mlm/loss"], abs=1e-4)
+    mem = [json.loads((Path(r.run_dir) / "memory.json").read_text()) for r in (reference, result)]
+    print("live tensor bytes per rank, ZeRO-0 vs ZeRO-3:", mem[0]["live_tensor_bytes"], mem[1]["live_tensor_bytes"])
 
 
 def test_zero2_killed_worker_restarts_from_checkpoint(reference, data, runs, monkeypatch):
