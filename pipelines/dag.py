@@ -114,7 +114,8 @@ def _pretrain_stage(pre_cfg: dict, data_out: dict) -> dict:
         shutil.rmtree(run_dir)
     result = pretrain(cfg, progress=False)
     out = {"hash": key, "run_dir": result.run_dir, "model_dir": result.model_dir,
-           "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
+           "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+           "evals": result.evals}
     stamp.write_text(json.dumps(out, indent=2))
     return out
 
@@ -145,5 +146,9 @@ def run(config_path: str | os.PathLike | None = None, overrides: Mapping[str, An
     for name in ("mlm/acc", "mlm/loss", "loss"):
         if name in out.get("metrics", {}):
             log(f"cloze run:   final {name} = {out['metrics'][name]:.4f}")
+    if out.get("evals"):
+        from .pretrain import held_out_summary
+
+        log(held_out_summary(out["evals"]).replace("cloze pretrain:", "cloze run:  "))
     log("cloze run: skipped (not built yet): " + ", ".join(PLANNED))
     return out

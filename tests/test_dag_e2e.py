@@ -27,6 +27,7 @@ def test_cloze_run_dag_trains_exports_and_caches(ray_cluster, tmp_path):
     corpus = _articles(tmp_path / "corpus", 64)
     overrides = {
         "data.inputs": [str(corpus)], "data.output": str(tmp_path / "data"), "data.vocab_size": 2000,
+        "data.shard_bytes": 32768,  # a few shards: local.toml holds the last one out for evaluation
         "pretrain.storage_path": str(tmp_path / "runs"), "pretrain.max_steps": 6,
         "pretrain.checkpoint_every": 3, "pretrain.batch_size_per_worker": 8, "pretrain.global_batch_size": 16,
         "pretrain.optimizer.warmup_steps": 2,
@@ -43,6 +44,8 @@ def test_cloze_run_dag_trains_exports_and_caches(ray_cluster, tmp_path):
     assert (model_dir / "vocab.txt").read_text() == (tmp_path / "data" / "vocab.txt").read_text()
     assert out["metrics"]["step"] == 6 and "mlm/loss" in out["metrics"] and "nsp/loss" in out["metrics"]
     assert any("skipped (not built yet)" in line for line in lines)
+    assert len(manifest["shards"]) >= 2 and [e["step"] for e in out["evals"]] == [0, 3, 6]
+    assert any("held-out mlm acc" in line for line in lines)
 
     import transformers
 
