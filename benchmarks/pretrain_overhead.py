@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_worker_niceness", "0")  # Ray's default 15 loses every race on a shared machine (pairs.py)
 
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
