@@ -143,6 +143,33 @@ def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
+# A URI's query holds pyarrow filesystem options, e.g. an S3-compatible server (MinIO):
+# s3://bucket/key?endpoint_override=host:9000&scheme=http (pyarrow ignores AWS_ENDPOINT_URL).
+# Every URI derived from a user's URI keeps that query at its end.
+
+
+def split_query(path: str) -> tuple[str, str]:
+    """("s3://bucket/key", "?endpoint_override=...") of a URI; (path, "") of a local path."""
+    if "://" in path and "?" in path:
+        head, _, query = path.partition("?")
+        return head, "?" + query
+    return path, ""
+
+
+def join_path(base: str, *parts: str) -> str:
+    """`base`/part/...: a local path, or a URI (its query stays at the end)."""
+    head, query = split_query(base)
+    return "/".join([head.rstrip("/"), *parts]) + query
+
+
+def to_uri(like: str, path: str) -> str:
+    """A path of `_filesystem(like)`'s filesystem as a URI with `like`'s scheme and query
+    (a local `like`: the path itself)."""
+    if "://" not in like:
+        return path
+    return f"{like.split('://', 1)[0]}://{path}{split_query(like)[1]}"
+
+
 def _resolve(name: str, cache_dir: str) -> tuple[str, bool]:
     """(path or URI, bundled?) of one `inputs` entry."""
     if name == "bbc":
@@ -175,9 +202,7 @@ def _list(name: str, cache_dir: str) -> tuple[pafs.FileSystem, list[pafs.FileInf
 
 
 def _uri(name: str, fs: pafs.FileSystem, path: str) -> str:
-    if "://" in name:
-        return f"{fs.type_name}://{path}"
-    return path
+    return to_uri(name, path)  # the user's scheme (gs://, not pyarrow's "gcs") and query
 
 
 def plan_units(config: DataConfig) -> Plan:

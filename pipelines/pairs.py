@@ -44,7 +44,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .config import DataConfig
-from .corpus import Unit, _filesystem, plan_units, read_unit
+from .corpus import Unit, _filesystem, plan_units, read_unit, split_query
 from .text import NO_TEXT, SKIP_REASONS, document_sentences, normalize_text
 from .tokenizer import (SpecialIds, continuation_table, is_lowercase, load_tokenizer, save_tokenizer,
                         tokenizer_hash, train_wordpiece)
@@ -653,7 +653,8 @@ def build_sentence_pairs(config: DataConfig, *, log=print) -> dict:
                                    override_num_blocks=max(1, min(blocks, len(units))))
 
     fs, out_root = _filesystem(config.output)
-    tmp = f"{config.output.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
+    head, query = split_query(config.output)  # a URI's query (pyarrow options) stays at the end
+    tmp = f"{head.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}{query}"
     _, tmp_root = _filesystem(tmp)
     fs.create_dir(tmp_root, recursive=True)
     try:
@@ -705,9 +706,29 @@ def _remove(fs: pafs.FileSystem, path: str) -> None:
 
 
 def _finish(fs: pafs.FileSystem, tmp_root: str, out_root: str, manifest: dict) -> None:
-    """manifest.json last, then the temp folder takes the output's name (an old one is removed)."""
+    """manifest.json last, then the temp folder takes the output's name (an old one is removed).
+
+    Object stores (S3, GCS) cannot rename a folder: there the old output loses its manifest
+    first (from then on it is not a finished shard set), is removed, the temp folder's files
+    are copied in (server-side copies), the manifest is written last, and the temp folder
+    is removed."""
+    body = (json.dumps(manifest, indent=2) + "\n").encode()
+    if fs.type_name != "local":
+        if fs.get_file_info(out_root).type != pafs.FileType.NotFound:
+            try:
+                fs.delete_file(f"{out_root}/manifest.json")
+            except FileNotFoundError:
+                pass
+            fs.delete_dir(out_root)
+        for info in fs.get_file_info(pafs.FileSelector(tmp_root, recursive=True)):
+            if info.type == pafs.FileType.File:
+                fs.copy_file(info.path, out_root + info.path[len(tmp_root):])
+        with fs.open_output_stream(f"{out_root}/manifest.json") as f:
+            f.write(body)
+        _remove(fs, tmp_root)
+        return
     with fs.open_output_stream(f"{tmp_root}/manifest.json") as f:
-        f.write((json.dumps(manifest, indent=2) + "\n").encode())
+        f.write(body)
     if fs.get_file_info(out_root).type != pafs.FileType.NotFound:
         old = f"{out_root}.old-{uuid.uuid4().hex[:8]}"
         fs.move(out_root, old)

@@ -240,21 +240,49 @@ def check_resources(cfg: PretrainConfig, available_cpus: float, available_gpus: 
 SMALL_DATA_BYTES = 64 * 2**20
 
 
+def _data_source(files: list[str]):
+    """(filesystem, paths) to read shards with: URIs (from one `shard_files` call) -> one
+    pyarrow filesystem, resolved once from the first (scheme, bucket, query options), and its
+    paths; local files -> (None, files)."""
+    if not files or "://" not in files[0]:
+        return None, files
+    import pyarrow.fs as pafs
+
+    from .corpus import split_query
+
+    fs, first = pafs.FileSystem.from_uri(files[0])
+    head = split_query(files[0])[0]
+    prefix = len(head) - len(first)  # "s3://" (s3://bucket/key -> bucket/key)
+    return fs, [split_query(f)[0][prefix:] for f in files]
+
+
 def _total_bytes(files: list[str]) -> int:
-    if any("://" in f for f in files):
-        return SMALL_DATA_BYTES + 1  # remote: always streamed
-    return sum(Path(f).stat().st_size for f in files)
+    fs, paths = _data_source(files)
+    if fs is None:
+        return sum(Path(f).stat().st_size for f in files)
+    import pyarrow.fs as pafs
+
+    wanted, total = set(paths), 0
+    for parent in sorted({p.rsplit("/", 1)[0] for p in paths}):  # a listing per folder, not a request per file
+        total += sum(i.size for i in fs.get_file_info(pafs.FileSelector(parent)) if i.path in wanted)
+    return total
 
 
 def shard_files(data: str) -> list[str]:
-    """The Parquet shards of a data folder, sorted (the order defines the data stream)."""
+    """The Parquet shards of a data folder, sorted (the order defines the data stream).
+    A URI's shards are URIs with its scheme and query (pyarrow options, e.g. endpoint_override)."""
     if "://" in data:
         import pyarrow.fs as pafs
 
-        fs, root = pafs.FileSystem.from_uri(data)
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        scheme = data.split("://", 1)[0]
-        files = sorted(f"{scheme}://{i.path}" for i in infos if i.path.endswith(".parquet"))
+        from .corpus import to_uri
+
+        try:
+            fs, root = pafs.FileSystem.from_uri(data)
+            infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        except (OSError, ValueError) as e:  # pyarrow: OSError (I/O), ArrowInvalid (a bad URI)
+            raise ConfigError(f"data: cannot list {data!r}: {e}") from None
+        files = sorted(to_uri(data, i.path) for i in infos
+                       if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
     else:
         if not Path(data).is_dir():
             raise ConfigError(f"data: {data!r} is not a folder")
@@ -874,8 +902,13 @@ def pretrain(cfg: PretrainConfig, resume: str | os.PathLike | None = None, progr
     files, eval_files = split_shards(cfg)
     if cfg.init_from:
         _init_config(cfg.init_from)
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from .corpus import join_path, to_uri
+
     remote = "://" in cfg.storage_path
-    run_dir = f"{cfg.storage_path.rstrip('/')}/{cfg.name}"
+    run_dir = join_path(cfg.storage_path, cfg.name)  # a URI keeps its query (pyarrow options)
     if not remote:
         run_dir = str(Path(cfg.storage_path).resolve() / cfg.name)
     resume_from = None
@@ -888,6 +921,16 @@ def pretrain(cfg: PretrainConfig, resume: str | os.PathLike | None = None, progr
         log(f"cloze pretrain: resuming {run_dir} from {resume_from or 'the start (no complete checkpoint)'}")
     elif not remote and any(p.is_dir() for p in Path(run_dir).glob("checkpoint_*")):
         raise ConfigError(f"run folder {run_dir} already has checkpoints: pass --resume {run_dir} or pick another name")
+    store_fs, run_path = None, None
+    if remote:  # Ray Train gets the filesystem itself: the URI's query options reach it and its workers
+        try:
+            store_fs, store_path = pafs.FileSystem.from_uri(cfg.storage_path)
+            run_path = f"{store_path.rstrip('/')}/{cfg.name}"
+            found = store_fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"storage_path: cannot open {cfg.storage_path!r}: {e}") from None
+        if any(i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_") for i in found):
+            raise ConfigError(f"run folder {run_dir} already has checkpoints: pick another name")
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
@@ -900,7 +943,7 @@ def pretrain(cfg: PretrainConfig, resume: str | os.PathLike | None = None, progr
     (Path(local_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     ext_dir = torch_extensions_dir()
     Path(ext_dir).mkdir(parents=True, exist_ok=True)
-    run = {"run_dir": run_dir, "metrics_dir": local_dir, "export_dir": f"{run_dir}/model",
+    run = {"run_dir": run_dir, "metrics_dir": local_dir, "export_dir": join_path(run_dir, "model"),
            "resume_from": resume_from, "torch_extensions_dir": ext_dir, "eval_files": eval_files,
            "fault_at_step": int(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None,
            "fault_marker": str(Path(local_dir) / ".fault_injected"),
@@ -909,17 +952,16 @@ def pretrain(cfg: PretrainConfig, resume: str | os.PathLike | None = None, progr
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True  # the data stream's order is part of the run
+    data_fs, paths = _data_source(files)  # a remote folder: one filesystem, with the URI's options
     if _total_bytes(files) <= SMALL_DATA_BYTES:
         # a small corpus is read here and put in the object store whole: no read tasks to schedule
-        import pyarrow.parquet as pq
-
-        dataset = ray.data.from_arrow([pq.read_table(f) for f in files])
+        dataset = ray.data.from_arrow([pq.read_table(f, filesystem=data_fs) for f in paths])
     elif res.get("CPU", 0.0) - cfg.num_workers * cfg.cpus_per_worker < 1.0:
         # Ray Data's read tasks would wait forever for a CPU the workers hold: read it all now
         log("cloze pretrain: no CPU left beside the workers; materializing the dataset before training")
-        dataset = ray.data.read_parquet(files).materialize()
+        dataset = ray.data.read_parquet(paths, filesystem=data_fs).materialize()
     else:
-        dataset = ray.data.read_parquet(files)  # streamed by read tasks beside the workers
+        dataset = ray.data.read_parquet(paths, filesystem=data_fs)  # streamed by read tasks beside the workers
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"pretrain": cfg.to_dict(), "deepspeed": ds_config, "run": run},
@@ -927,7 +969,8 @@ def pretrain(cfg: PretrainConfig, resume: str | os.PathLike | None = None, progr
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}),
         run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=cfg.storage_path if remote else str(Path(cfg.storage_path).resolve()),
+            name=cfg.name, storage_path=store_path if remote else str(Path(cfg.storage_path).resolve()),
+            storage_filesystem=store_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             worker_runtime_env={"env_vars": {"TORCH_EXTENSIONS_DIR": ext_dir}}),
@@ -944,10 +987,17 @@ def pretrain(cfg: PretrainConfig, resume: str | os.PathLike | None = None, progr
         stop.set()
         if progress:
             bar.join()
-    model_dir = f"{run_dir}/model"
-    if not remote and not Path(model_dir, "cloze.json").is_file():
+    model_dir = join_path(run_dir, "model")
+    if remote:
+        # config.json and the metrics files (written where rank 0 runs: here on a one-node cluster)
+        pafs.copy_files(local_dir, run_path, destination_filesystem=store_fs)
+        if store_fs.get_file_info(f"{run_path}/model/cloze.json").type != pafs.FileType.File:
+            model_dir = None
+    elif not Path(model_dir, "cloze.json").is_file():
         model_dir = None  # stopped before the end (test hook)
     ckpt = result.checkpoint.path if result.checkpoint else None
+    if ckpt and remote:
+        ckpt = to_uri(cfg.storage_path, ckpt)
     evals = read_metrics(local_dir, "eval.csv")
     if evals:
         log(held_out_summary(evals))
