@@ -333,6 +333,14 @@ def deepspeed_config(cfg: PretrainConfig) -> dict:
         "bf16.enabled": cfg.precision == "bf16",
         "zero_optimization.offload_optimizer.device": "cpu" if cfg.offload_optimizer else "none",
     }
+    # Buffer sizes from the model's width, as HF's DeepSpeed integration does (H^2 elements),
+    # with a 1 Mi-element floor: DeepSpeed allocates some of them whole, so a fixed 5e7 (200 MB
+    # in fp32) dwarfed the model states of small models and hid ZeRO-3's saving.
+    hidden = cfg.encoder_config().hidden_size
+    bucket = max(hidden * hidden, 2**20)
+    values.update({"zero_optimization.reduce_bucket_size": bucket, "zero_optimization.allgather_bucket_size": bucket,
+                   "zero_optimization.stage3_prefetch_bucket_size": bucket,
+                   "zero_optimization.stage3_param_persistence_threshold": 10 * hidden})
 
     def fill(node: dict, prefix: str) -> dict:
         out = {}
@@ -841,11 +849,23 @@ def _export(engine, cfg: PretrainConfig, run: dict, metrics: dict, rank: int) ->
     """Consolidated fp32 weights (gathered across ranks under ZeRO-3) -> HF folder + cloze.json."""
     import deepspeed
 
+    master: dict[str, torch.Tensor] = {}
+    if cfg.precision == "bf16":  # the optimizer's fp32 master weights, not their bf16 copies (every rank: a gather)
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for name, p in engine.module.named_parameters():
+            full = safe_get_full_fp32_param(p)
+            if full is not None:
+                master[name] = full.detach().to("cpu", torch.float32).clone()
     params = list(engine.module.parameters())
     gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if cfg.zero_stage == 3 else _nullpath()
     with gather:
         if rank == 0:
             state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in engine.module.state_dict().items()}
+            tied = {id(v): k for k, v in engine.module.named_parameters()}  # state_dict lists tied weights twice
+            for k, v in engine.module.state_dict(keep_vars=True).items():
+                if tied.get(id(v)) in master:
+                    state[k] = master[tied[id(v)]]
     if rank != 0 or not run.get("export_dir"):
         return
     from encoder.hf import save_pretrained

@@ -111,6 +111,10 @@ def test_bf16_on_cpu_trains_and_exports_fp32(reference, data, runs):
     assert max(abs(a - r["loss"]) for a, r in zip(fp32, rows)) < 0.1
     exported = weights(result)
     assert {t.dtype for t in exported.values()} == {torch.float32}
+    # the export is the optimizer's fp32 master copy, not the bf16 weights widened: trained
+    # matrices hold values that bf16 cannot represent
+    matrix = exported["bert.encoder.layer.0.attention.self.query.weight"]
+    assert not torch.equal(matrix, matrix.bfloat16().float())
     model = load_pretrained(result.model_dir)
     assert next(model.parameters()).dtype == torch.float32
     assert model.load_report["fresh"] == []  # every trained tensor came back

@@ -98,8 +98,6 @@ def test_zero3_matches_zero0(reference, data, runs):
     loss_falls(result)
     assert max_diff(weights(result), weights(reference)) < 1e-5
     assert result.evals[-1]["eval/mlm/loss"] == pytest.approx(reference.evals[-1]["eval/mlm/loss"], abs=1e-4)
-    mem = [json.loads((Path(r.run_dir) / "memory.json").read_text()) for r in (reference, result)]
-    print("live tensor bytes per rank, ZeRO-0 vs ZeRO-3:", mem[0]["live_tensor_bytes"], mem[1]["live_tensor_bytes"])
 
 
 def test_zero2_killed_worker_restarts_from_checkpoint(reference, data, runs, monkeypatch):
