@@ -10,8 +10,9 @@ and each rank's peak RSS. Theory (ZeRO paper, Psi parameters, N workers, Adam):
   fp32 (4-byte params and grads, Adam's two 4-byte moments = 8Psi, no master copy):
                             16Psi | 8Psi + 8Psi/N  | 4Psi + 12Psi/N | 16Psi/N
 
-DeepSpeed's ZeRO 1-3 optimizers also keep an fp32 copy of each rank's partition even when
-training in fp32 (+4Psi/N), which the script reports as a second theory column.
+"Live tensors" also counts what the formulas leave out: DeepSpeed's communication buckets
+(1 Mi elements each, see `deepspeed_config`), parameters that ZeRO-3 keeps whole (below
+10 x hidden elements), unflattened full gradients still alive mid-step, and one batch.
 
 Usage: python benchmarks/pretrain_memory.py [--preset small] [--workers 2] [--stages 0 1 2 3]
        [--precision fp32]
@@ -37,13 +38,11 @@ from pipelines.pretrain import PretrainConfig, pretrain, synthetic_pair_shards  
 MiB = 2**20
 
 
-def theory(stage: int, psi: int, n: int, precision: str) -> tuple[float, float]:
-    """(paper bytes, DeepSpeed-implementation bytes) of model states per worker."""
+def theory(stage: int, psi: int, n: int, precision: str) -> float:
+    """Bytes of model states per worker (ZeRO paper; fp32: 4-byte params/grads, K = 8)."""
     if precision == "bf16":  # the paper's mixed-precision accounting (2-byte params/grads, K = 12)
-        paper = [16 * psi, 4 * psi + 12 * psi / n, 2 * psi + 14 * psi / n, 16 * psi / n][stage]
-        return paper, paper
-    paper = [16 * psi, 8 * psi + 8 * psi / n, 4 * psi + 12 * psi / n, 16 * psi / n][stage]
-    return paper, paper + (4 * psi / n if stage else 0)
+        return [16 * psi, 4 * psi + 12 * psi / n, 2 * psi + 14 * psi / n, 16 * psi / n][stage]
+    return [16 * psi, 8 * psi + 8 * psi / n, 4 * psi + 12 * psi / n, 16 * psi / n][stage]
 
 
 def main() -> None:
@@ -83,15 +82,15 @@ def main() -> None:
     print(f"\n{machine()}")
     print(f"preset {args.preset} (vocab {args.vocab}), Psi = {psi:,} parameters, {n} workers, {args.precision}, "
           f"batch {args.batch} x <= 128 tokens per worker")
-    print("| ZeRO | measured MiB / worker (live tensors) | theory, paper | theory, DeepSpeed | "
+    print("| ZeRO | measured MiB / worker (live tensors) | theory MiB | measured / theory | "
           "measured / ZeRO-0 | peak RSS MiB / worker |")
     print("|---|---|---|---|---|---|")
     for stage, mem in rows:
         live = statistics.median(mem["live_tensor_bytes"])
-        paper, impl = theory(stage, psi, n, args.precision)
+        paper = theory(stage, psi, n, args.precision)
         ratio = f"{live / base:.2f}x" if base else "-"
         print(f"| {stage} | {live / MiB:.1f} (ranks: {', '.join(f'{b / MiB:.1f}' for b in mem['live_tensor_bytes'])}) "
-              f"| {paper / MiB:.1f} | {impl / MiB:.1f} | {ratio} | "
+              f"| {paper / MiB:.1f} | {live / paper:.2f} | {ratio} | "
               f"{statistics.median(mem['max_rss_bytes']) / MiB:.0f} |")
 
 
