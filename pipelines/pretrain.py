@@ -919,6 +919,7 @@ def pretrain(cfg: PretrainConfig, resume: str | os.PathLike | None = None, progr
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    cfg = absolute_paths(cfg)  # workers do not run in this process's working directory
     files, eval_files = split_shards(cfg)
     if cfg.init_from:
         _init_config(cfg.init_from)
@@ -1023,6 +1024,16 @@ def pretrain(cfg: PretrainConfig, resume: str | os.PathLike | None = None, progr
         log(held_out_summary(evals))
     return PretrainResult(run_dir=run_dir, model_dir=model_dir, metrics=dict(result.metrics or {}), checkpoint=ckpt,
                           evals=evals)
+
+
+def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
+    """The config with its local paths made absolute (URIs and empty values stay)."""
+    changes = {}
+    for key in ("data", "eval_data", "tokenizer", "init_from", "storage_path"):
+        value = getattr(cfg, key)
+        if value and "://" not in value:
+            changes[key] = str(Path(value).expanduser().resolve())
+    return dataclasses.replace(cfg, **changes)
 
 
 def held_out_summary(evals: list[dict[str, float]]) -> str:

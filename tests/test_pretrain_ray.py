@@ -136,12 +136,15 @@ def test_resume_after_stop_skips_a_truncated_checkpoint(reference, data, runs, m
 
 # mlm + nsp is the reference run's mix; mlm + sop + shuffle is tested below, from an import
 @pytest.mark.parametrize("mix", [{"mlm": 1.0}, {"rtd": 50.0, "mlm": 1.0}])
-def test_objective_mix_reports_each_part(ray_cluster, data, runs, mix):
+def test_objective_mix_reports_each_part(ray_cluster, data, runs, mix, monkeypatch):
     name = "mix-" + "-".join(mix)
-    result = pretrain(make_config(data, runs, name, objectives=mix, num_workers=1, max_steps=3,
-                                  checkpoint_every=0), progress=False)
+    monkeypatch.chdir(Path(data).parent)  # relative paths, as on a command line: workers run elsewhere
+    cfg = make_config("train", runs, name, objectives=mix, num_workers=1, max_steps=3, checkpoint_every=0,
+                      eval_data="held-out")
+    result = pretrain(cfg, progress=False)
     for part in mix:
         assert f"{part}/loss" in result.metrics and f"{part}/acc" in result.metrics, (part, result.metrics)
+        assert f"eval/{part}/acc" in result.metrics
     assert result.metrics["step"] == 3 and Path(result.model_dir, "model.safetensors").is_file()
 
 

@@ -99,5 +99,5 @@ class RTDObjective(Objective):
             acc = (pred == target).float().mean() if logits.numel() else torch.zeros(())
             replaced = target.sum()
             recall = ((pred * target).sum() / replaced.clamp(min=1))
-        return ObjectiveOutput(loss, {"loss": loss.detach(), "acc": acc, "replaced_recall": recall,
+        return ObjectiveOutput(loss, {"loss": loss.detach(), "acc": acc, "count": valid.sum(), "replaced_recall": recall,
                                       "replaced_frac": target.mean() if target.numel() else torch.zeros(())})
