@@ -4,7 +4,8 @@ Every run is `cloze pretrain` (Ray Train + DeepSpeed ZeRO-2, gloo, MLM + NSP) on
 synthetic shards (rows of up to 128 tokens, a uniform length mix). The worker's per-step
 metrics give real tokens/s and MFU = encoder-layer training FLOPs (6 x MACs of the dense
 layers + attention, `encoder.flops_per_token`; embeddings and heads not counted) per second
-over the peak, measured once per worker by an fp32 GEMM probe with the worker's threads.
+over the peak, measured by an fp32 GEMM probe (best of 10 short timings) that the driver
+runs once with a worker's thread count before the workers start.
 Per run: the median over the steps after --warmup; runs repeat --repeats times.
 
   mfu      presets (default small, base) on 1 worker that holds every CPU (all threads)

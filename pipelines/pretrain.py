@@ -543,20 +543,36 @@ def _load_checkpoint(engine, folder: str, rank: int) -> dict:
 
 # --------------------------------------------------------------------------- metrics
 
-def gemm_peak_flops(size: int = 1024, seconds: float = 0.5) -> float:
-    """Measured fp32 GEMM FLOP/s of this process's threads (the CPU 'peak' for MFU)."""
+def gemm_peak_flops(size: int = 1024, seconds: float = 1.0, trials: int = 10) -> float:
+    """Measured fp32 GEMM FLOP/s of this process's threads (the CPU 'peak' for MFU): the best
+    of `trials` short timings, so a moment of contention from other processes does not lower
+    the peak (which would inflate MFU)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b  # warm up
-    n, t0 = 0, time.perf_counter()
-    while True:
-        a @ b
-        n += 1
-        dt = time.perf_counter() - t0
-        if dt >= seconds:
-            return 2.0 * size**3 * n / dt
+    best = 0.0
+    for _ in range(trials):
+        n, t0 = 0, time.perf_counter()
+        while True:
+            a @ b
+            n += 1
+            dt = time.perf_counter() - t0
+            if dt >= seconds / trials:
+                best = max(best, 2.0 * size**3 * n / dt)
+                break
+    return best
 
 
 GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def cpu_peak_flops(threads: int) -> float:
+    """The GEMM probe run with `threads` torch threads (a worker's share of a node)."""
+    keep = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        return gemm_peak_flops()
+    finally:
+        torch.set_num_threads(keep)
 
 
 def device_peak_flops(use_gpu: bool) -> float:
@@ -754,7 +770,9 @@ def train_loop_per_worker(config: dict) -> None:
     collate = build_collator(cfg, enc_cfg.vocab_size)
     batches = worker_batches(ray.train.get_dataset_shard("train"), cfg, rank, world, collate,
                              state["epoch"], state["index"])
-    peak = device_peak_flops(cfg.use_gpu)
+    # CPU: the driver's GEMM probe with this worker's thread count (probing here would race
+    # the other workers and this worker's own data thread, and a low peak inflates MFU)
+    peak = run.get("cpu_peak_flops") if not cfg.use_gpu and run.get("cpu_peak_flops") else device_peak_flops(cfg.use_gpu)
     writer = MetricsWriter(run.get("metrics_dir") if rank == 0 else None)
     step, tokens_seen, samples_seen = state["step"], state["tokens"], state["samples"]
     start_step = step
@@ -966,6 +984,7 @@ def pretrain(cfg: PretrainConfig, resume: str | os.PathLike | None = None, progr
     Path(ext_dir).mkdir(parents=True, exist_ok=True)
     run = {"run_dir": run_dir, "metrics_dir": local_dir, "export_dir": join_path(run_dir, "model"),
            "resume_from": resume_from, "torch_extensions_dir": ext_dir, "eval_files": eval_files,
+           "cpu_peak_flops": None if cfg.use_gpu else cpu_peak_flops(int(cfg.cpus_per_worker)),
            "fault_at_step": int(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None,
            "fault_marker": str(Path(local_dir) / ".fault_injected"),
            "stop_at_step": int(os.environ[STOP_ENV]) if os.environ.get(STOP_ENV) else None}
