@@ -1,4 +1,4 @@
-"""The WordPiece tokenizer of a shard set: trained on the corpus with `tokenizers`, or loaded.
+"""The WordPiece tokenizer of a shard set: trained on the corpus (deterministically), or loaded.
 
 Trained vocabularies start with [PAD]=0, [UNK], [CLS], [SEP], [MASK]; loaded ones keep their
 own ids (bert-base-uncased / MiniLM: [PAD]=0, [UNK]=100, [CLS]=101, [SEP]=102,
@@ -10,12 +10,14 @@ folder gets `tokenizer.json`, `vocab.txt` and the two small JSON files that let
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -66,21 +68,145 @@ def _with_post_processor(tok: Tokenizer) -> Tokenizer:
     return tok
 
 
+_COUNT_BATCH_CHARS = 1 << 14  # texts are normalized ~16 KB at a time (fastest measured)
+
+
+def count_words(texts: Iterable[str], tok: Tokenizer) -> Counter:
+    """How often each word occurs: `tok`'s normalizer then pre-tokenizer, as the Rust trainer does.
+
+    For a BERT normalizer + pre-tokenizer; the same counts as pre-tokenizing text by text, 2.4x
+    faster (20 Newsgroups: 3.5 s vs 8.2 s). Texts are joined with "\n" into small batches, one call into
+    Rust each: the normalizer works character by character (NFD only reorders combining marks,
+    never across the "\n") and turns all whitespace into " ". The pre-tokenizer splits on
+    whitespace first, so the " "-separated chunks are counted in Python and only each distinct
+    chunk that is not all letters and digits (punctuation to split off) is pre-tokenized."""
+    chunks: Counter = Counter()
+    batch: list[str] = []
+    size = 0
+    for text in texts:
+        batch.append(text)
+        size += len(text)
+        if size >= _COUNT_BATCH_CHARS:
+            chunks.update(tok.normalizer.normalize_str("\n".join(batch)).split(" "))
+            batch, size = [], 0
+    if batch:
+        chunks.update(tok.normalizer.normalize_str("\n".join(batch)).split(" "))
+    counts: Counter = Counter()
+    pre_tokenize = tok.pre_tokenizer.pre_tokenize_str
+    for chunk, n in chunks.items():
+        if chunk.isalnum():
+            counts[chunk] += n
+        elif chunk:
+            for word, _ in pre_tokenize(chunk):
+                counts[word] += n
+    return counts
+
+
+def learn_wordpiece_vocab(word_counts: dict[str, int], *, vocab_size: int, min_frequency: int = 2,
+                          special_tokens: Iterable[str] = SPECIAL_TOKENS, prefix: str = "##") -> list[str]:
+    """The tokens of a WordPiece vocabulary learned by BPE merges, in the order they were added.
+
+    The algorithm of the Rust `WordPieceTrainer` (a BPE trainer with a "##" continuing-subword
+    prefix): special tokens, then every character of the words, then merges of the most frequent
+    adjacent pair until `vocab_size` tokens (or no pair occurs `min_frequency` times). Two
+    differences, both deliberate:
+
+    - Ties. Rust takes, among equally frequent pairs, the one with the smallest (id, id); but it
+      numbers the "##" characters in its randomly seeded hash-map order, so the winner, and the
+      token set wherever the cut falls among tied counts, changed from process to process. Here
+      the ids are fixed (characters by code point, the "##" characters by code point, merged
+      tokens in the order they are made), so the same rule gives the same vocabulary every time.
+    - Every character gets a "##" piece, not just those seen inside a word (as in Google's BERT
+      vocabularies): a word that has one in the middle later still encodes without [UNK].
+
+    Pair counts are kept incrementally (only the words holding the merged pair are touched) with
+    a max-heap of (count, pair) entries checked lazily: an existing pair's count can only drop,
+    so a stale entry is re-queued with its current count when it reaches the top."""
+    alphabet = sorted({ch for w in word_counts for ch in w})
+    tokens = list(dict.fromkeys([*special_tokens, *alphabet, *(prefix + ch for ch in alphabet)]))
+    ids = {t: i for i, t in enumerate(tokens)}
+    words: list[list[int]] = []
+    counts: list[int] = []
+    for w, c in word_counts.items():
+        if not w:
+            continue
+        words.append([ids[w[0]], *(ids[prefix + ch] for ch in w[1:])])
+        counts.append(c)
+    pair_counts: dict[tuple[int, int], int] = {}
+    where: dict[tuple[int, int], set[int]] = {}  # pair -> the words that held it (some no longer do)
+    for i, w in enumerate(words):
+        for pair in zip(w, w[1:]):
+            pair_counts[pair] = pair_counts.get(pair, 0) + counts[i]
+            where.setdefault(pair, set()).add(i)
+    heap = [(-c, pair) for pair, c in pair_counts.items()]  # most frequent, then smallest ids
+    heapq.heapify(heap)
+    plen = len(prefix)
+    while len(ids) < vocab_size and heap:
+        neg, pair = heap[0]
+        count = pair_counts.get(pair, 0)
+        if count != -neg:  # stale: re-queue with the current count
+            if count > 0:
+                heapq.heapreplace(heap, (-count, pair))
+            else:
+                heapq.heappop(heap)
+            continue
+        if count < min_frequency:
+            break
+        heapq.heappop(heap)
+        a, b = pair
+        right = tokens[b]
+        merged = tokens[a] + (right[plen:] if right.startswith(prefix) else right)
+        n = ids.get(merged)  # may exist already ("ab"+"##c" and "a"+"##bc")
+        if n is None:
+            n = ids[merged] = len(tokens)
+            tokens.append(merged)
+        new_pairs = set()
+
+        def add(q: tuple[int, int], i: int, c: int) -> None:
+            pair_counts[q] = pair_counts.get(q, 0) + c
+            where.setdefault(q, set()).add(i)
+            new_pairs.add(q)
+
+        for i in where.pop(pair):  # the order does not matter: only sums
+            w = words[i]
+            try:
+                j = w.index(a)
+            except ValueError:
+                continue
+            c, size, out = counts[i], len(w), w[:j]
+            while j < size:  # left to right, as Rust's Word::merge
+                if w[j] == a and j + 1 < size and w[j + 1] == b:
+                    if out:
+                        pair_counts[(out[-1], a)] -= c
+                        add((out[-1], n), i, c)
+                    if j + 2 < size:
+                        pair_counts[(b, w[j + 2])] -= c
+                        add((n, w[j + 2]), i, c)
+                    out.append(n)
+                    j += 2
+                else:
+                    out.append(w[j])
+                    j += 1
+            words[i] = out
+        pair_counts.pop(pair, None)  # every occurrence is merged
+        for q in sorted(new_pairs):
+            if pair_counts[q] > 0:
+                heapq.heappush(heap, (-pair_counts[q], q))
+    return tokens
+
+
 def train_wordpiece(texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2,
                     lowercase: bool = True) -> Tokenizer:
-    """A BERT WordPiece vocabulary learned from `texts` (deterministic for the same stream)."""
-    tok = _bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##")), lowercase)
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=list(SPECIAL_TOKENS), continuing_subword_prefix="##",
-                                        show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    # The Rust trainer breaks ties between equally frequent merges in hash-map order, which
-    # changes from run to run: the token set is stable, the ids are not. Canonical ids:
-    # special tokens first, then whole-word pieces, then "##" pieces, each sorted.
-    learned = sorted((t for t in tok.get_vocab() if t not in SPECIAL_TOKENS), key=lambda t: (t.startswith("##"), t))
+    """A BERT WordPiece vocabulary learned from `texts`: the same stream gives the same
+    vocabulary (tokens and ids) in every process (`learn_wordpiece_vocab`)."""
+    counter = _bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]")), lowercase)
+    learned = learn_wordpiece_vocab(count_words(texts, counter), vocab_size=vocab_size,
+                                    min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS)
+    # Canonical ids: special tokens first, then whole-word pieces, then "##" pieces, each sorted.
+    learned = sorted((t for t in learned if t not in SPECIAL_TOKENS), key=lambda t: (t.startswith("##"), t))
     vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS, *learned])}
-    canonical = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##"))
-    return _with_post_processor(_bert_pipeline(canonical, lowercase))
+    model = models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##", max_input_chars_per_word=100)
+    return _with_post_processor(_bert_pipeline(Tokenizer(model), lowercase))
 
 
 def load_tokenizer(path: str | Path, lowercase: bool = True) -> Tokenizer:
