@@ -31,6 +31,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import time
 import uuid
 from collections import Counter
@@ -595,7 +596,7 @@ def _tokenizer_for(config: DataConfig, plan, build) -> Any:
         return load_tokenizer(config.tokenizer, config.lowercase)
     ctx = __import__("ray").data.DataContext.get_current()
     keep, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
-    try:  # stream normalized text to the Rust trainer, in unit order (deterministic vocabulary)
+    try:  # stream normalized text to the trainer, in unit order (deterministic vocabulary)
         ds = build(plan.units).map_batches(ReadDocuments(config), batch_size=1, batch_format="pyarrow")
         texts = (normalize_text(t) for b in ds.iter_batches(batch_size=1, batch_format="pyarrow")
                  for t in b.column("texts")[0].as_py())
@@ -656,7 +657,11 @@ def build_sentence_pairs(config: DataConfig, *, log=print) -> dict:
     head, query = split_query(config.output)  # a URI's query (pyarrow options) stays at the end
     tmp = f"{head.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}{query}"
     _, tmp_root = _filesystem(tmp)
+    if "://" not in head:
+        _remove_killed_runs(head, log)
     fs.create_dir(tmp_root, recursive=True)
+    if "://" not in head:  # who writes this folder: a later run removes it if this process dies
+        Path(tmp_root, OWNER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
     try:
         log(f"cloze data: {len(plan.units)} units from {len(config.inputs)} input(s), task {config.task}, "
             f"{workers} workers")
@@ -668,15 +673,16 @@ def build_sentence_pairs(config: DataConfig, *, log=print) -> dict:
             _upload(_local_staging(tmp), tmp)
         continuation = continuation_table(tok) if config.whole_word_masking and config.masking == "static" else None
         pool = ray.data.TaskPoolStrategy(size=workers)
-        ds = units_dataset(plan.units)
-        for stage in (ReadDocuments(config), SplitSentences(), TokenizeSentences(tok.to_str()),
-                      BuildExamples(config, special, continuation), PairShardWriter(tmp, config.label_column)):
-            ds = ds.map_batches(stage, batch_size=1, batch_format="pyarrow", compute=pool)
         # One fused operator whose outputs are a stats row per unit: Ray Data's per-operator
         # resource reservation only held the second task back (~1 s of one idle CPU per run).
+        # A Dataset copies the context when it is created, so this goes first.
         ctx = ray.data.DataContext.get_current()
         keep, ctx.op_resource_reservation_enabled = ctx.op_resource_reservation_enabled, False
         try:
+            ds = units_dataset(plan.units)
+            for stage in (ReadDocuments(config), SplitSentences(), TokenizeSentences(tok.to_str()),
+                          BuildExamples(config, special, continuation), PairShardWriter(tmp, config.label_column)):
+                ds = ds.map_batches(stage, batch_size=1, batch_format="pyarrow", compute=pool)
             parts = sorted((i, s) for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")
                            for i, s in zip(b.column("index").to_pylist(), b.column("stats").to_pylist()))
         finally:
@@ -687,6 +693,8 @@ def build_sentence_pairs(config: DataConfig, *, log=print) -> dict:
                                                                 "cls": special.cls, "sep": special.sep,
                                                                 "mask": special.mask}}
         manifest = _manifest(config, stats, plan.ignored, key, tok_info, time.perf_counter() - t0)
+        if "://" not in head:
+            Path(tmp_root, OWNER_FILE).unlink(missing_ok=True)
         _finish(fs, tmp_root, out_root, manifest)
     except BaseException:
         _remove(fs, tmp_root)
@@ -694,6 +702,31 @@ def build_sentence_pairs(config: DataConfig, *, log=print) -> dict:
     log(f"cloze data: {manifest['examples'][config.task]} {config.task} examples in {len(manifest['shards'])} "
         f"shards -> {config.output} ({manifest['wall_time_s']:.1f} s)")
     return manifest
+
+
+OWNER_FILE = ".owner.json"
+
+
+def _remove_killed_runs(output: str, log) -> None:
+    """Remove `<output>.tmp-*` folders left by runs on this host whose process is gone (a
+    killed run). A folder of a live run, or of another host, stays."""
+    out = Path(output)
+    for tmp in out.parent.glob(out.name + ".tmp-*"):
+        try:
+            owner = json.loads((tmp / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not ours to judge
+        if owner.get("host") != socket.gethostname():
+            continue
+        try:
+            os.kill(int(owner["pid"]), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except (PermissionError, KeyError, ValueError):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        log(f"cloze data: removed {tmp}, left by a run that was killed (pid {owner['pid']})")
 
 
 def _local_staging(uri: str) -> str:

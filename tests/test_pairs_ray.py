@@ -123,3 +123,41 @@ def test_a_run_in_progress_never_looks_finished(ray_cluster, corpus, tmp_path):
         worker.join(0.05)
     assert seen_partial and read_manifest(str(out))["cache_key"] == result["cache_key"]
     assert not list(tmp_path.glob("live.tmp-*"))
+
+
+def test_a_killed_data_run_is_cleaned_up_and_rerun(ray_cluster, corpus, tmp_path):
+    """SIGKILL the whole `cloze data` process group (driver + its Ray) mid-run: nothing looks
+    finished, and the next run removes the leftovers and completes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    cloze = Path(sys.executable).parent / "cloze"
+    cmd = [str(cloze), "data", "--data.inputs", json.dumps([str(corpus)]), "--data.output", str(out),
+           "--data.vocab_size", "2000", "--data.shard_bytes", "16384", "--data.seed", "5", "--data.num_workers", "1"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if any(len(list(t.glob("part-*.parquet"))) >= 2 for t in tmp_path.glob("killed.tmp-*")):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    leftovers = list(tmp_path.glob("killed.tmp-*"))
+    assert not out.exists() and len(leftovers) == 1 and not (leftovers[0] / "manifest.json").exists()
+
+    lines: list[str] = []
+    config = DataConfig(inputs=(str(corpus),), vocab_size=2000, shard_bytes=16384, seed=5, output=str(out),
+                        num_workers=1)
+    manifest = build_sentence_pairs(config, log=lines.append)
+    assert any("left by a run that was killed" in line for line in lines)
+    assert not list(tmp_path.glob("killed.tmp-*")) and read_manifest(str(out)) == manifest
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == [s["file"] for s in manifest["shards"]]
+    assert not (out / ".owner.json").exists()

@@ -134,8 +134,9 @@ def test_resume_after_stop_skips_a_truncated_checkpoint(reference, data, runs, m
     assert max_diff(weights(resumed), weights(reference)) < 1e-6
 
 
-# mlm + nsp is the reference run's mix; mlm + sop + shuffle is tested below, from an import
-@pytest.mark.parametrize("mix", [{"mlm": 1.0}, {"rtd": 50.0, "mlm": 1.0}])
+# mlm + nsp is the reference run's mix; mlm + sop + shuffle is also tested below, from an import
+@pytest.mark.parametrize("mix", [{"mlm": 1.0}, {"mlm": 1.0, "sop": 1.0}, {"mlm": 1.0, "shuffle": 1.0},
+                                 {"rtd": 50.0, "mlm": 1.0}])
 def test_objective_mix_reports_each_part(ray_cluster, data, runs, mix, monkeypatch):
     name = "mix-" + "-".join(mix)
     monkeypatch.chdir(Path(data).parent)  # relative paths, as on a command line: workers run elsewhere

