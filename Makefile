@@ -33,9 +33,13 @@ test-unit: install
 
 # Each script runs its own baseline in the same run; figures go to BENCHMARKS.md by hand,
 # with the machine the script prints. Run on a quiet machine: they compare wall clocks.
-bench: install
+bench: install  # ~45 min on 2 CPUs; each script also runs alone (BENCHMARKS.md has the commands)
 	$(BIN)/python benchmarks/encoder_step.py
 	$(BIN)/python benchmarks/pairs.py
+	$(BIN)/python benchmarks/pretrain_overhead.py --repeats 3 --batch 32
+	$(BIN)/python benchmarks/deepspeed_step.py
+	$(BIN)/python benchmarks/pretrain_memory.py --precision bf16
+	$(BIN)/python benchmarks/pretrain_throughput.py --repeats 3
 
 clean:
 	rm -rf $(VENV) .torch_extensions runs
