@@ -11,16 +11,18 @@ from pathlib import Path
 def machine() -> str:
     import torch
 
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} "
+    from pipelines.pretrain import cpu_model
+
+    return (f"{cpu_model()}, {os.cpu_count()} cores visible, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+
+
+def step_batch(table: dict, collate, seed: int, step: int, batch: int, max_seq_len: int = 128) -> dict:
+    """Global batch `step` of a shard table (`to_pydict()`), collated as a 1-worker
+    `cloze pretrain` run collates it (same slice, same mask seed)."""
+    from pipelines.pretrain import batch_seed, seeded_batch, slice_rows
+
+    return seeded_batch(collate, slice_rows(table, step * batch, batch, max_seq_len), batch_seed(seed, 0, step, 0))
 
 
 def summary(values: list[float]) -> str:

@@ -22,14 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
 os.environ.setdefault("MASTER_PORT", "29533")
 
-import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from common import machine, summary  # noqa: E402
+from common import machine, step_batch, summary  # noqa: E402
 from pipelines.pretrain import (  # noqa: E402
-    PretrainConfig, batch_seed, build_collator, build_model, deepspeed_config, param_groups, seeded_batch,
-    shard_files, synthetic_pair_shards, torch_extensions_dir,
+    PretrainConfig, build_collator, build_model, deepspeed_config, param_groups, shard_files, synthetic_pair_shards,
+    torch_extensions_dir,
 )
 
 
@@ -55,12 +54,7 @@ def main() -> None:
     cfg = PretrainConfig.from_dict(base)
     table = pq.read_table(shard_files(cfg.data)).to_pydict()
     collate = build_collator(cfg, 8192)
-    batches = []
-    for step in range(args.steps):
-        rows = {k: v[step * args.batch:(step + 1) * args.batch] for k, v in table.items()}
-        rows["input_ids"] = [np.asarray(x) for x in rows["input_ids"]]
-        rows["token_type_ids"] = [np.asarray(x) for x in rows["token_type_ids"]]
-        batches.append(seeded_batch(collate, rows, batch_seed(0, 0, step, 0)))
+    batches = [step_batch(table, collate, cfg.seed, step, args.batch, cfg.max_seq_len) for step in range(args.steps)]
 
     def bare() -> float:
         model = build_model(cfg)

@@ -36,8 +36,8 @@ import psutil  # noqa: E402
 
 from common import machine, summary  # noqa: E402
 from pairs_reference import build_reference  # noqa: E402
-from pipelines.config import DataConfig  # noqa: E402
-from pipelines.pairs import build_sentence_pairs  # noqa: E402
+from pipelines.data.config import DataConfig  # noqa: E402
+from pipelines.data.pairs import build_sentence_pairs  # noqa: E402
 
 
 def minilm_vocab() -> str:
@@ -149,7 +149,7 @@ def loader(work: Path, steps: int = 6) -> list[str]:
     import torch
 
     import encoder as E
-    from pipelines.collate import PretrainCollator, iter_pretraining_batches, load_pretraining_dataset
+    from pipelines.data.collate import PretrainCollator, iter_pretraining_batches, load_pretraining_dataset
 
     out = work / "loader"
     m = build_sentence_pairs(DataConfig(inputs=("bbc",), tokenizer=minilm_vocab(), output=str(out)),

@@ -15,11 +15,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.config import DataConfig
-from pipelines.corpus import plan_units, read_unit
-from pipelines.pairs import BUILDERS
-from pipelines.text import document_sentences, normalize_text
-from pipelines.tokenizer import SpecialIds, load_tokenizer
+from pipelines.data.config import DataConfig
+from pipelines.data.corpus import plan_units, read_unit
+from pipelines.data.pairs import BUILDERS
+from pipelines.data.text import document_sentences, normalize_text
+from pipelines.data.tokenizer import SpecialIds, load_tokenizer
 
 
 def build_reference(config: DataConfig, out_dir: str) -> dict:

@@ -31,10 +31,10 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from common import machine, summary  # noqa: E402
+from common import machine, step_batch, summary  # noqa: E402
 from pipelines.pretrain import (  # noqa: E402
-    PretrainConfig, WarmupDecay, batch_seed, build_collator, build_model, param_groups, pretrain, read_metrics,
-    seeded_batch, shard_files, synthetic_pair_shards,
+    PretrainConfig, WarmupDecay, build_collator, build_model, param_groups, pretrain, read_metrics, shard_files,
+    synthetic_pair_shards,
 )
 
 
@@ -50,10 +50,7 @@ def bare_loop(cfg: PretrainConfig) -> list[float]:
     collate = build_collator(cfg, model.config.vocab_size)
     B, times = cfg.batch_size_per_worker, []
     for step in range(cfg.max_steps):
-        rows = {k: v[step * B:(step + 1) * B] for k, v in table.items()}
-        rows["input_ids"] = [np.asarray(x) for x in rows["input_ids"]]
-        rows["token_type_ids"] = [np.asarray(x) for x in rows["token_type_ids"]]
-        batch = seeded_batch(collate, rows, batch_seed(cfg.seed, 0, step, 0))
+        batch = step_batch(table, collate, cfg.seed, step, B, cfg.max_seq_len)
         loss = model(batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)

@@ -1,17 +1,13 @@
 """EncoderConfig: the model's shape, with Hugging Face BERT field names so checkpoints map 1:1.
 
-Also the small, generic machinery every cloze config uses: build a frozen dataclass from a
-TOML table, apply dotted overrides, and reject unknown keys or bad values with an error
-that names the offending key. Stdlib only.
+Stdlib only. The generic TOML / override machinery of the pipeline stages lives in
+`pipelines.config`; this module only knows the model's shape.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import tomllib
-import typing
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any, Mapping
 
 
@@ -19,121 +15,37 @@ class ConfigError(ValueError):
     """A config key is unknown or its value is invalid; the message names the key."""
 
 
-def _coerce(key: str, value: Any, typ: Any) -> Any:
-    """Check / convert one value against a dataclass field type (int, float, str, bool, dict...)."""
-    origin = typing.get_origin(typ)
-    if typ is Any:
-        return value
-    if origin is typing.Union or origin is getattr(__import__("types"), "UnionType", None):
-        args = [a for a in typing.get_args(typ) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(key, value, args[0])
-    if origin in (dict, Mapping):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a table, got {value!r}")
-        vt = typing.get_args(typ)[1] if typing.get_args(typ) else Any
-        return {str(k): _coerce(f"{key}.{k}", v, vt) for k, v in value.items()}
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return tuple(value) if origin is tuple else list(value)
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if typ is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if typ is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if typ is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    return value
-
-
-def build_dataclass(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
-    """Instantiate dataclass `cls` from a mapping; unknown keys and bad types raise ConfigError.
-
-    Nested dataclass fields are built recursively from sub-tables. `prefix` is used only to
-    name keys in errors (e.g. "model.hidden_size").
-    """
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    """`cls(**data)` with unknown keys and wrongly typed values named in a ConfigError."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: expected a table, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in fields(cls) if f.init}
-    unknown = sorted(set(data) - set(known))
+    types = {f.name: f.type for f in fields(cls) if f.init}
+    unknown = sorted(set(data) - set(types))
     if unknown:
-        raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!s} (known keys under "
-            f"{prefix.rstrip('.') or cls.__name__}: {', '.join(sorted(known))})"
-        )
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known keys under "
+                          f"{prefix.rstrip('.') or cls.__name__}: {', '.join(sorted(types))})")
     kwargs = {}
     for name, value in data.items():
-        typ = hints[name]
-        key = f"{prefix}{name}"
-        if dataclasses.is_dataclass(typ):
-            kwargs[name] = value if isinstance(value, typ) else build_dataclass(typ, value, key + ".")
-        else:
-            kwargs[name] = _coerce(key, value, typ)
+        want = {"int": int, "float": float, "str": str}[types[name]]
+        if want is not str and isinstance(value, str):  # "512" from a command line
+            try:
+                value = want(value)
+            except ValueError:
+                pass
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if want is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, want) or isinstance(value, bool):
+            raise ConfigError(f"{prefix}{name}: expected {'an integer' if want is int else 'a ' + want.__name__}, "
+                              f"got {value!r}")
+        kwargs[name] = value
     try:
         return cls(**kwargs)
     except ConfigError as e:
         if prefix and not str(e).startswith(prefix):
             raise ConfigError(f"{prefix}{e}") from None
         raise
-
-
-def apply_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict:
-    """Return a deep copy of `data` with dotted keys set: {"model.hidden_size": 256}."""
-    out = _deepcopy(data)
-    for dotted, value in overrides.items():
-        parts = dotted.split(".")
-        node = out
-        for p in parts[:-1]:
-            nxt = node.setdefault(p, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"{dotted}: {p} is a value, not a table")
-            node = nxt
-        node[parts[-1]] = value
-    return out
-
-
-def _deepcopy(d: Mapping[str, Any]) -> dict:
-    return {k: _deepcopy(v) if isinstance(v, Mapping) else v for k, v in d.items()}
-
-
-def load_toml(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        return tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: not valid TOML: {e}") from None
 
 
 # Sizes of Google's BERT releases (layers x hidden, heads = hidden / 64, FFN = 4 x hidden).
@@ -207,14 +119,7 @@ class EncoderConfig:
             if preset not in PRESETS:
                 raise ConfigError(f"{prefix}preset: unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
             data = {**PRESETS[preset], **data}
-        return build_dataclass(cls, data, prefix)
-
-    @classmethod
-    def from_toml(cls, path: str | Path, table: str = "model", overrides: Mapping[str, Any] | None = None) -> "EncoderConfig":
-        raw = load_toml(path)
-        if overrides:
-            raw = apply_overrides(raw, overrides)
-        return cls.from_dict(raw.get(table, {}), prefix=f"{table}.")
+        return _build(cls, data, prefix)
 
     def replace(self, **changes: Any) -> "EncoderConfig":
         return self.from_dict({**self.to_dict(), **changes})

@@ -17,7 +17,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
-from encoder.config import ConfigError
+from .config import ConfigError
 
 STAGES_TODO = {
     "finetune": "fine-tune a [CLS] or token classifier",
@@ -59,7 +59,7 @@ def split_overrides(rest: list[str]) -> dict[str, Any]:
 
 
 def _data_help() -> str:
-    from .config import DataConfig
+    from .data.config import DataConfig
 
     lines = ["options of the [data] table (override with --data.KEY VALUE):", ""]
     docs = _field_comments(DataConfig)
@@ -108,15 +108,15 @@ input path is an error before any Ray work."""
 
 
 def cmd_data(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    from .config import DataConfig
-    from .corpus import InputError
+    from .data.config import DataConfig
+    from .data.corpus import InputError
 
     try:
         config = DataConfig.from_toml(args.config, overrides)
         if any(k.split(".", 1)[0] != "data" for k in overrides):
             bad = next(k for k in overrides if k.split(".", 1)[0] != "data")
             raise ConfigError(f"{bad}: `cloze data` reads only the [data] table")
-        from .corpus import plan_units
+        from .data.corpus import plan_units
 
         plan_units(config)  # a missing input fails here, before Ray starts
     except (ConfigError, InputError) as e:
@@ -124,7 +124,7 @@ def cmd_data(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         return 2
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     _quiet_ray_data()
-    from .pairs import build_sentence_pairs
+    from .data.pairs import build_sentence_pairs
 
     build_sentence_pairs(config)
     return 0
@@ -141,7 +141,7 @@ def _quiet_ray_data() -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    from .pretrain import PretrainConfig, load_run_config, pretrain
+    from .pretrain import PretrainConfig, held_out_summary, load_run_config, pretrain
 
     try:
         bad = next((k for k in overrides if k.split(".", 1)[0] not in ("pretrain", "model")), None)
@@ -159,6 +159,8 @@ def cmd_pretrain(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     except ConfigError as e:
         print(f"cloze pretrain: error: {e}", file=sys.stderr)
         return 2
+    if result.evals:
+        print(held_out_summary(result.evals))
     print(f"cloze pretrain: {result.metrics.get('step', 0):.0f} steps, loss {result.metrics.get('loss', float('nan')):.4f}; "
           f"run folder {result.run_dir}; model {result.model_dir}")
     return 0
@@ -177,7 +179,7 @@ Without --config the bundled local profile (configs/local.toml: BBC News, tiny m
 
 
 def cmd_run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    from .corpus import InputError
+    from .data.corpus import InputError
     from .dag import plan_run, run
 
     config = args.config or str(Path(__file__).resolve().parent.parent / "configs" / "local.toml")

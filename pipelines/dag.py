@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from encoder.config import ConfigError, apply_overrides, load_toml
+from .config import ConfigError, apply_overrides, load_toml
 
 # The design's stages after pretrain: not built yet (their issues come next).
 PLANNED = ("finetune", "evaluate", "deploy", "request")
@@ -37,15 +37,15 @@ def _hash(*parts: Any) -> str:
 
 @dataclass(frozen=True)
 class RunPlan:
-    data: Any  # pipelines.config.DataConfig
+    data: Any  # pipelines.data.config.DataConfig
     pretrain: Any  # pipelines.pretrain.PretrainConfig (data / tokenizer / vocab filled by the DAG)
     raw: dict
 
 
 def plan_run(config_path: str | os.PathLike | None, overrides: Mapping[str, Any] | None = None) -> RunPlan:
     """Read and validate every stage's config (ConfigError naming the key) before any Ray work."""
-    from .config import DataConfig
-    from .corpus import plan_units
+    from .data.config import DataConfig
+    from .data.corpus import plan_units
     from .pretrain import PretrainConfig
 
     raw = load_toml(config_path) if config_path else {}
@@ -87,8 +87,8 @@ def _pretrain_config_for(plan_pre: dict, data_out: dict) -> dict:
 
 
 def _data_stage(data_cfg: dict) -> dict:
-    from .config import DataConfig
-    from .pairs import build_sentence_pairs
+    from .data.config import DataConfig
+    from .data.pairs import build_sentence_pairs
 
     cfg = DataConfig.from_dict(data_cfg)
     manifest = build_sentence_pairs(cfg)
@@ -149,6 +149,6 @@ def run(config_path: str | os.PathLike | None = None, overrides: Mapping[str, An
     if out.get("evals"):
         from .pretrain import held_out_summary
 
-        log(held_out_summary(out["evals"]).replace("cloze pretrain:", "cloze run:  "))
+        log(held_out_summary(out["evals"], prog="cloze run"))
     log("cloze run: skipped (not built yet): " + ", ".join(PLANNED))
     return out

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import tempfile
 import threading
@@ -35,8 +34,8 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
-from encoder import EncoderConfig, MultiObjective, Encoder, flops_per_token, mask_tokens, validate_weights
-from encoder.config import ConfigError, apply_overrides, build_dataclass, load_toml
+from encoder import EncoderConfig, MultiObjective, Encoder, flops_per_token, validate_weights
+from .config import ConfigError, apply_overrides, build_dataclass, load_toml
 
 REPO = Path(__file__).resolve().parent.parent
 DEEPSPEED_DIR = REPO / "cluster" / "deepspeed"
@@ -248,7 +247,7 @@ def _data_source(files: list[str]):
         return None, files
     import pyarrow.fs as pafs
 
-    from .corpus import split_query
+    from .data.corpus import split_query
 
     fs, first = pafs.FileSystem.from_uri(files[0])
     head = split_query(files[0])[0]
@@ -274,7 +273,7 @@ def shard_files(data: str) -> list[str]:
     if "://" in data:
         import pyarrow.fs as pafs
 
-        from .corpus import to_uri
+        from .data.corpus import to_uri
 
         try:
             fs, root = pafs.FileSystem.from_uri(data)
@@ -309,12 +308,13 @@ def read_rows(files: list[str], limit: int) -> dict[str, list]:
     """The first `limit` rows of some shards, as python lists (a small held-out set)."""
     import pyarrow.parquet as pq
 
+    fs, paths = _data_source(files)  # a remote folder: one filesystem, with the URI's options
     out: dict[str, list] = {}
-    for f in files:
+    for path in paths:
         have = len(out.get("input_ids", []))
         if have >= limit:
             break
-        table = pq.read_table(f)
+        table = pq.read_table(path, filesystem=fs)
         for name in table.column_names:
             out.setdefault(name, []).extend(table.column(name).to_pylist()[: limit - have])
     return out
@@ -411,10 +411,10 @@ class WarmupDecay:
 # --------------------------------------------------------------------------- data
 
 def build_collator(cfg: PretrainConfig, vocab_size: int):
-    """The shared collator (`pipelines.collate`): masking settings and special ids from the
+    """The shared collator (`pipelines.data.collate`): masking settings and special ids from the
     data folder's manifest + tokenizer when it has them, else from this config."""
-    from .collate import PretrainCollator
-    from .tokenizer import SpecialIds
+    from .data.collate import PretrainCollator
+    from .data.tokenizer import SpecialIds
 
     if "://" not in cfg.data and (Path(cfg.data) / "manifest.json").is_file():
         collate = PretrainCollator.from_folder(cfg.data, seed=cfg.seed)
@@ -438,6 +438,14 @@ def batch_seed(seed: int, epoch: int, index: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 100_003 + index * 101 + rank) % (2**63)
 
 
+def slice_rows(rows: Mapping[str, Any], start: int, size: int, max_seq_len: int) -> dict[str, Any]:
+    """Rows [start, start + size) of a column batch, as the collator takes them: token
+    columns as arrays cut to max_seq_len (longer rows are truncated), label columns as arrays."""
+    out = {k: [np.asarray(x)[:max_seq_len] for x in rows[k][start:start + size]] for k in ("input_ids", "token_type_ids")}
+    out.update({k: np.asarray(rows[k][start:start + size]) for k in LABEL_COLUMNS if k in rows})
+    return out
+
+
 def worker_batches(shard, cfg: PretrainConfig, rank: int, world: int, collate,
                    epoch: int, skip: int) -> Iterator[tuple[int, int, dict]]:
     """(epoch, index, batch) forever: global batch `index` of `epoch`, this rank's slice.
@@ -446,7 +454,6 @@ def worker_batches(shard, cfg: PretrainConfig, rank: int, world: int, collate,
     (epoch, index) fully names the data; `skip` global batches of the first epoch are
     passed over (a resumed run)."""
     B = cfg.batch_size_per_worker
-    columns = ["input_ids", "token_type_ids"]
     while True:
         kwargs = {}
         if cfg.shuffle_buffer:
@@ -457,9 +464,7 @@ def worker_batches(shard, cfg: PretrainConfig, rank: int, world: int, collate,
             seen += 1
             if index < skip:
                 continue
-            mine = {k: v[rank * B:(rank + 1) * B] for k, v in rows.items() if k in columns or k in LABEL_COLUMNS}
-            for k in columns:  # rows longer than max_seq_len are cut
-                mine[k] = [np.asarray(x)[: cfg.max_seq_len] for x in mine[k]]
+            mine = slice_rows(rows, rank * B, B, cfg.max_seq_len)
             yield epoch, index, seeded_batch(collate, mine, batch_seed(cfg.seed, epoch, index, rank))
         if seen == 0:
             raise ValueError(f"the dataset has fewer rows than one global batch ({B} x {world})")
@@ -576,7 +581,7 @@ def cpu_peak_flops(threads: int) -> float:
     finally:
         torch.set_num_threads(keep)
     cache = Path(os.environ.get("CLOZE_CACHE_DIR", Path.home() / ".cache" / "cloze")) / "peak_flops.json"
-    key = f"{_cpu_model()}|{max(1, threads)} threads|torch {torch.__version__}"
+    key = f"{cpu_model()}|{max(1, threads)} threads|torch {torch.__version__}"
     try:
         known = json.loads(cache.read_text())
     except (OSError, ValueError):
@@ -593,7 +598,8 @@ def cpu_peak_flops(threads: int) -> float:
     return best
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what `platform` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -684,10 +690,7 @@ def evaluate(engine, rows: Mapping[str, list], cfg: PretrainConfig, rank: int, w
     engine.eval()
     with torch.no_grad():
         for e in range(n):
-            lo = (e * world + rank) * B
-            mine = {k: [np.asarray(x)[: cfg.max_seq_len] for x in rows[k][lo:lo + B]]
-                    for k in ("input_ids", "token_type_ids")}
-            mine.update({k: np.asarray(rows[k][lo:lo + B]) for k in LABEL_COLUMNS if k in rows})
+            mine = slice_rows(rows, (e * world + rank) * B, B, cfg.max_seq_len)
             batch = seeded_batch(collate, mine, batch_seed(cfg.seed, EVAL_EPOCH, e, rank))
             out = engine({k: v.to(device) for k, v in batch.items()})
             metrics = {k: float(v) for k, v in out.metrics.items()}
@@ -974,12 +977,12 @@ def pretrain(cfg: PretrainConfig, resume: str | os.PathLike | None = None, progr
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
-    from .corpus import join_path, to_uri
+    from .data.corpus import join_path, to_uri
 
     remote = "://" in cfg.storage_path
     run_dir = join_path(cfg.storage_path, cfg.name)  # a URI keeps its query (pyarrow options)
     if not remote:
-        run_dir = str(Path(cfg.storage_path).resolve() / cfg.name)
+        run_dir = str(Path(cfg.storage_path) / cfg.name)
     resume_from = None
     if resume is not None:
         if remote:
@@ -1039,7 +1042,7 @@ def pretrain(cfg: PretrainConfig, resume: str | os.PathLike | None = None, progr
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}),
         run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=store_path if remote else str(Path(cfg.storage_path).resolve()),
+            name=cfg.name, storage_path=store_path if remote else cfg.storage_path,
             storage_filesystem=store_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
@@ -1068,11 +1071,8 @@ def pretrain(cfg: PretrainConfig, resume: str | os.PathLike | None = None, progr
     ckpt = result.checkpoint.path if result.checkpoint else None
     if ckpt and remote:
         ckpt = to_uri(cfg.storage_path, ckpt)
-    evals = read_metrics(local_dir, "eval.csv")
-    if evals:
-        log(held_out_summary(evals))
     return PretrainResult(run_dir=run_dir, model_dir=model_dir, metrics=dict(result.metrics or {}), checkpoint=ckpt,
-                          evals=evals)
+                          evals=read_metrics(local_dir, "eval.csv"))
 
 
 def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
@@ -1085,13 +1085,13 @@ def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
     return dataclasses.replace(cfg, **changes)
 
 
-def held_out_summary(evals: list[dict[str, float]]) -> str:
-    """'held-out mlm acc 0.001 -> 0.212 (step 0 -> 200), ...' from eval.csv rows."""
+def held_out_summary(evals: list[dict[str, float]], prog: str = "cloze pretrain") -> str:
+    """'<prog>: held-out mlm acc 0.001 -> 0.212, ... (step 0 -> 200)' from eval.csv rows."""
     first, last = evals[0], evals[-1]
     parts = [f"{k[len('eval/'):-len('/acc')]} acc {first[k]:.3f} -> {last[k]:.3f}"
              for k in sorted(last) if k.startswith("eval/") and k.endswith("/acc") and k in first]
     parts.append(f"loss {first['eval/loss']:.3f} -> {last['eval/loss']:.3f}")
-    return f"cloze pretrain: held-out {', '.join(parts)} (step {first['step']:.0f} -> {last['step']:.0f})"
+    return f"{prog}: held-out {', '.join(parts)} (step {first['step']:.0f} -> {last['step']:.0f})"
 
 
 # --------------------------------------------------------------------------- synthetic data

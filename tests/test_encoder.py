@@ -249,14 +249,19 @@ def test_config_errors_name_the_key(kwargs, needle):
 
 
 def test_config_from_toml_with_overrides(tmp_path):
+    from pipelines.config import apply_overrides, load_toml
+
+    def from_toml(path, overrides):  # the [model] table of a run config, as the stages read it
+        return E.EncoderConfig.from_dict(apply_overrides(load_toml(path), overrides)["model"], prefix="model.")
+
     f = tmp_path / "run.toml"
     f.write_text('[model]\npreset = "mini"\nvocab_size = 8000\n')
-    cfg = E.EncoderConfig.from_toml(f, overrides={"model.hidden_size": "512", "model.num_attention_heads": 8})
+    cfg = from_toml(f, overrides={"model.hidden_size": "512", "model.num_attention_heads": 8})
     assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers, cfg.vocab_size) == (512, 8, 4, 8000)
     with pytest.raises(E.ConfigError, match="model.hidden_size"):
-        E.EncoderConfig.from_toml(f, overrides={"model.hidden_size": "wide"})
+        from_toml(f, overrides={"model.hidden_size": "wide"})
     with pytest.raises(E.ConfigError, match="model.nope"):
-        E.EncoderConfig.from_toml(f, overrides={"model.nope": 1})
+        from_toml(f, overrides={"model.nope": 1})
     with pytest.raises(E.ConfigError, match="unknown model preset|preset"):
         E.EncoderConfig.from_name("huge")
     with pytest.raises(Exception):

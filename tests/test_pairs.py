@@ -18,13 +18,13 @@ import torch
 
 from encoder.config import ConfigError
 from pipelines.cli import parse_value, split_overrides
-from pipelines.collate import PretrainCollator, pad_rows
-from pipelines.config import DataConfig
-from pipelines.corpus import InputError, JSONL, Unit, _jsonl_lines, bbc_root, plan_units, read_unit
-from pipelines.pairs import (BuildExamples, MlmBuilder, NspBuilder, ReadDocuments, ShuffleBuilder, SopBuilder,
+from pipelines.data.collate import PretrainCollator, pad_rows
+from pipelines.data.config import DataConfig
+from pipelines.data.corpus import InputError, JSONL, Unit, _jsonl_lines, bbc_root, plan_units, read_unit
+from pipelines.data.pairs import (BuildExamples, MlmBuilder, NspBuilder, ReadDocuments, ShuffleBuilder, SopBuilder,
                              SplitSentences, TokenizeSentences, shard_table, truncate_pair)
-from pipelines.text import BINARY, EMPTY, NO_TEXT, TOO_LARGE, document_sentences, normalize_text
-from pipelines.tokenizer import SpecialIds, load_tokenizer, save_tokenizer, train_wordpiece
+from pipelines.data.text import BINARY, EMPTY, NO_TEXT, TOO_LARGE, document_sentences, normalize_text
+from pipelines.data.tokenizer import SpecialIds, load_tokenizer, save_tokenizer, train_wordpiece
 
 SPECIAL = SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4, vocab_size=10**7)
 BASE = 1000

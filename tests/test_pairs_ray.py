@@ -9,10 +9,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.collate import PretrainCollator, iter_pretraining_batches, load_pretraining_dataset
-from pipelines.config import DataConfig
-from pipelines.corpus import bbc_root
-from pipelines.pairs import build_sentence_pairs, read_manifest
+from pipelines.data.collate import PretrainCollator, iter_pretraining_batches, load_pretraining_dataset
+from pipelines.data.config import DataConfig
+from pipelines.data.corpus import bbc_root
+from pipelines.data.pairs import build_sentence_pairs, read_manifest
 
 pytestmark = pytest.mark.ray
 

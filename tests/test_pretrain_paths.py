@@ -164,9 +164,9 @@ def minilm() -> Path:
 @pytest.fixture(scope="module")
 def minilm_pairs(ray_cluster, minilm, tmp_path_factory) -> str:
     """NSP pair shards of a few real BBC articles, tokenized with MiniLM's own WordPiece."""
-    from pipelines.config import DataConfig
-    from pipelines.corpus import bbc_root
-    from pipelines.pairs import build_sentence_pairs
+    from pipelines.data.config import DataConfig
+    from pipelines.data.corpus import bbc_root
+    from pipelines.data.pairs import build_sentence_pairs
 
     base = tmp_path_factory.mktemp("minilm-data")
     (base / "bbc").mkdir()  # one folder = one work unit: NSP draws its random "B" from another document of it

@@ -9,7 +9,6 @@ Each run is about half a minute of fixed Ray Train cost, so every run checks sev
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

@@ -25,9 +25,9 @@ import pytest
 import torch
 
 from encoder import ConfigError
-from pipelines.config import DataConfig
-from pipelines.corpus import bbc_root
-from pipelines.pairs import build_sentence_pairs, read_manifest
+from pipelines.data.config import DataConfig
+from pipelines.data.corpus import bbc_root
+from pipelines.data.pairs import build_sentence_pairs, read_manifest
 from pipelines.pretrain import PretrainConfig, pretrain, synthetic_pair_shards
 
 pytestmark = pytest.mark.ray

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pipelines.corpus import bbc_root
-from pipelines.text import (BINARY, EMPTY, NOT_UTF8, decode_document, document_sentences, normalize_text,
+from pipelines.data.corpus import bbc_root
+from pipelines.data.text import (BINARY, EMPTY, NOT_UTF8, decode_document, document_sentences, normalize_text,
                             split_sentences)
 
 

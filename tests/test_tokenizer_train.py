@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.corpus import bbc_root
-from pipelines.text import normalize_text
-from pipelines.tokenizer import (SPECIAL_TOKENS, SpecialIds, _bert_pipeline, count_words, learn_wordpiece_vocab,
+from pipelines.data.corpus import bbc_root
+from pipelines.data.text import normalize_text
+from pipelines.data.tokenizer import (SPECIAL_TOKENS, SpecialIds, _bert_pipeline, count_words, learn_wordpiece_vocab,
                                  load_tokenizer, save_tokenizer, tokenizer_hash, train_wordpiece)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def paragraphs(n: int) -> list[str]:
 N, VOCAB = 150, 800
 _HASH = ("import sys; sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r});"
          "from test_tokenizer_train import paragraphs, N, VOCAB;"
-         "from pipelines.tokenizer import train_wordpiece, tokenizer_hash;"
+         "from pipelines.data.tokenizer import train_wordpiece, tokenizer_hash;"
          "print(tokenizer_hash(train_wordpiece(iter(paragraphs(N)), vocab_size=VOCAB)))")
 
 

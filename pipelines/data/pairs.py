@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 
 from .config import DataConfig
 from .corpus import Unit, _filesystem, plan_units, read_unit, split_query
-from .text import NO_TEXT, SKIP_REASONS, document_sentences, normalize_text
+from .text import NO_TEXT, document_sentences, normalize_text
 from .tokenizer import (SpecialIds, continuation_table, is_lowercase, load_tokenizer, save_tokenizer,
                         tokenizer_hash, train_wordpiece)
 
@@ -657,19 +657,19 @@ def build_sentence_pairs(config: DataConfig, *, log=print) -> dict:
     head, query = split_query(config.output)  # a URI's query (pyarrow options) stays at the end
     tmp = f"{head.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}{query}"
     _, tmp_root = _filesystem(tmp)
-    if "://" not in head:
+    local = "://" not in head
+    if local:
         _remove_killed_runs(head, log)
     fs.create_dir(tmp_root, recursive=True)
-    if "://" not in head:  # who writes this folder: a later run removes it if this process dies
+    if local:  # who writes this folder: a later run removes it if this process dies
         Path(tmp_root, OWNER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
     try:
         log(f"cloze data: {len(plan.units)} units from {len(config.inputs)} input(s), task {config.task}, "
             f"{workers} workers")
         tok = _tokenizer_for(config, plan, units_dataset)
         special = SpecialIds.of(tok)
-        local_tmp = not ("://" in tmp)
-        save_tokenizer(tok, tmp if local_tmp else _local_staging(tmp))
-        if not local_tmp:
+        save_tokenizer(tok, tmp if local else _local_staging(tmp))
+        if not local:
             _upload(_local_staging(tmp), tmp)
         continuation = continuation_table(tok) if config.whole_word_masking and config.masking == "static" else None
         pool = ray.data.TaskPoolStrategy(size=workers)
@@ -693,7 +693,7 @@ def build_sentence_pairs(config: DataConfig, *, log=print) -> dict:
                                                                 "cls": special.cls, "sep": special.sep,
                                                                 "mask": special.mask}}
         manifest = _manifest(config, stats, plan.ignored, key, tok_info, time.perf_counter() - t0)
-        if "://" not in head:
+        if local:
             Path(tmp_root, OWNER_FILE).unlink(missing_ok=True)
         _finish(fs, tmp_root, out_root, manifest)
     except BaseException:

@@ -1,0 +1,1 @@
+"""Data stages: raw documents -> pretraining examples (Ray Data), and the loader."""
