@@ -11,18 +11,17 @@ from pathlib import Path
 def machine() -> str:
     import torch
 
-    from pipelines.pretrain import cpu_model
+    from pipelines.train.metrics import cpu_model
 
     return (f"{cpu_model()}, {os.cpu_count()} cores visible, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 
-def step_batch(table: dict, collate, seed: int, step: int, batch: int, max_seq_len: int = 128) -> dict:
-    """Global batch `step` of a shard table (`to_pydict()`), collated as a 1-worker
-    `cloze pretrain` run collates it (same slice, same mask seed)."""
-    from pipelines.pretrain import batch_seed, seeded_batch, slice_rows
-
-    return seeded_batch(collate, slice_rows(table, step * batch, batch, max_seq_len), batch_seed(seed, 0, step, 0))
+def run_batches(task, steps: int) -> list[dict]:
+    """The first `steps` batches a 1-worker `cloze pretrain` run of `task` trains on (same
+    loader, same rows, same masks)."""
+    it = task.batches(0, 1, 0, 0)
+    return [next(it)[2] for _ in range(steps)]
 
 
 def summary(values: list[float]) -> str:

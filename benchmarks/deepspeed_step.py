@@ -22,14 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
 os.environ.setdefault("MASTER_PORT", "29533")
 
-import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from common import machine, step_batch, summary  # noqa: E402
-from pipelines.pretrain import (  # noqa: E402
-    PretrainConfig, build_collator, build_model, deepspeed_config, param_groups, shard_files, synthetic_pair_shards,
-    torch_extensions_dir,
-)
+from common import machine, run_batches, summary  # noqa: E402
+from pipelines.data.synthetic import synthetic_pair_shards  # noqa: E402
+from pipelines.pretrain import PretrainConfig, resolve  # noqa: E402
+from pipelines.train.config import torch_extensions_dir  # noqa: E402
+from pipelines.train.optim import deepspeed_config, param_groups  # noqa: E402
 
 
 def main() -> None:
@@ -52,12 +51,11 @@ def main() -> None:
             "objectives": {"mlm": 1.0, "nsp": 1.0}, "batch_size_per_worker": args.batch, "num_workers": 1,
             "max_steps": args.steps, "zero_stage": 0}
     cfg = PretrainConfig.from_dict(base)
-    table = pq.read_table(shard_files(cfg.data)).to_pydict()
-    collate = build_collator(cfg, 8192)
-    batches = [step_batch(table, collate, cfg.seed, step, args.batch, cfg.max_seq_len) for step in range(args.steps)]
+    batches = run_batches(resolve(cfg), args.steps)
 
     def bare() -> float:
-        model = build_model(cfg)
+        torch.manual_seed(cfg.seed)
+        model = resolve(cfg).build_model()
         opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4)
         times = []
         for b in batches:
@@ -71,10 +69,11 @@ def main() -> None:
 
     def engine(stage: int, contiguous: bool = True) -> float:
         c = PretrainConfig.from_dict({**base, "zero_stage": stage})
-        conf = deepspeed_config(c)
+        conf = deepspeed_config(c, c.encoder_config().hidden_size)
         if not contiguous:
             conf["zero_optimization"]["contiguous_gradients"] = False
-        model = build_model(c)
+        torch.manual_seed(c.seed)
+        model = resolve(c).build_model()
         opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4)
         eng, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=conf)
         times = []

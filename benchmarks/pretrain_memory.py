@@ -33,7 +33,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from common import machine  # noqa: E402
-from pipelines.pretrain import PretrainConfig, pretrain, synthetic_pair_shards  # noqa: E402
+from pipelines.data.synthetic import synthetic_pair_shards  # noqa: E402
+from pipelines.pretrain import PretrainConfig, pretrain  # noqa: E402
 
 MiB = 2**20
 

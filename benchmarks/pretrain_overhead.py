@@ -28,29 +28,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_worker_niceness", "0")  # Ray's default 15 loses every race on a shared machine (pairs.py)
 
 import numpy as np  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from common import machine, step_batch, summary  # noqa: E402
-from pipelines.pretrain import (  # noqa: E402
-    PretrainConfig, WarmupDecay, build_collator, build_model, param_groups, pretrain, read_metrics, shard_files,
-    synthetic_pair_shards,
-)
+from common import machine, run_batches, summary  # noqa: E402
+from pipelines.data.synthetic import synthetic_pair_shards  # noqa: E402
+from pipelines.pretrain import PretrainConfig, pretrain, read_metrics, resolve  # noqa: E402
+from pipelines.train.optim import WarmupDecay, param_groups  # noqa: E402
 
 
 def bare_loop(cfg: PretrainConfig) -> list[float]:
     """Step end times of a plain loop: same model, data, collator, optimizer, schedule."""
     torch.set_num_threads(1)
-    table = pq.read_table(shard_files(cfg.data)).to_pydict()
-    model = build_model(cfg)
+    task = resolve(cfg)
+    torch.manual_seed(cfg.seed)
+    model = task.build_model()
     opt = torch.optim.AdamW(param_groups(model, cfg.optimizer.weight_decay), lr=cfg.optimizer.lr,
                             betas=(cfg.optimizer.beta1, cfg.optimizer.beta2), eps=cfg.optimizer.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupDecay(cfg.optimizer.warmup_steps, cfg.max_steps,
                                                                cfg.optimizer.decay, cfg.optimizer.min_lr_ratio))
-    collate = build_collator(cfg, model.config.vocab_size)
-    B, times = cfg.batch_size_per_worker, []
-    for step in range(cfg.max_steps):
-        batch = step_batch(table, collate, cfg.seed, step, B, cfg.max_seq_len)
+    times = []
+    for batch in run_batches(task, cfg.max_steps):
         loss = model(batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)

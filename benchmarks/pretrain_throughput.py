@@ -30,7 +30,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_worker_niceness", "0")  # see benchmarks/pairs.py
 
 from common import machine, summary  # noqa: E402
-from pipelines.pretrain import PretrainConfig, gemm_peak_flops, pretrain, read_metrics, synthetic_pair_shards  # noqa: E402
+from pipelines.data.synthetic import synthetic_pair_shards  # noqa: E402
+from pipelines.pretrain import PretrainConfig, pretrain, read_metrics  # noqa: E402
+from pipelines.train.metrics import gemm_peak_flops  # noqa: E402
 
 
 def run(data: Path, work: Path, name: str, preset: str, vocab: int, workers: int, cpus: int, batch: int,

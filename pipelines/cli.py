@@ -15,19 +15,10 @@ import os
 import sys
 import tomllib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .config import ConfigError
 
-STAGES_TODO = {
-    "finetune": "fine-tune a [CLS] or token classifier",
-    "evaluate": "evaluate a model against baselines",
-    "export": "export a Hugging Face-compatible model folder",
-    "score": "batch scoring with Ray Data",
-    "serve": "serve a model with Ray Serve",
-    "submit": "submit a job to a Ray cluster",
-    "jobs": "list / follow submitted jobs",
-}
 
 
 def parse_value(text: str) -> Any:
@@ -58,31 +49,55 @@ def split_overrides(rest: list[str]) -> dict[str, Any]:
     return out
 
 
-def _data_help() -> str:
-    from .data.config import DataConfig
-
-    lines = ["options of the [data] table (override with --data.KEY VALUE):", ""]
-    docs = _field_comments(DataConfig)
-    for f in dataclasses.fields(DataConfig):
+def _table_help(cls, table: str) -> str:
+    """Every option of a config table, its default and its comment in the source."""
+    lines = [f"options of the [{table}] table (override with --{table}.KEY VALUE):", ""]
+    docs = _field_comments(cls)
+    for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if isinstance(default, tuple):
             default = list(default)
-        lines.append(f"  --data.{f.name} (default {default!r})")
+        if dataclasses.is_dataclass(default):
+            for g in dataclasses.fields(default):
+                lines.append(f"  --{table}.{f.name}.{g.name} (default {getattr(default, g.name)!r})")
+                if _field_comments(type(default)).get(g.name):
+                    lines.append(f"      {_field_comments(type(default))[g.name]}")
+            continue
+        lines.append(f"  --{table}.{f.name} (default {default!r})")
         if docs.get(f.name):
             lines.append(f"      {docs[f.name]}")
     return "\n".join(lines)
 
 
+def _data_help() -> str:
+    from .data.config import DataConfig
+
+    return _table_help(DataConfig, "data")
+
+
+def _pretrain_help() -> str:
+    from encoder.config import PRESETS
+
+    from .pretrain import PretrainConfig
+
+    return (_table_help(PretrainConfig, "pretrain") + "\n\n[model] table: --model.preset "
+            f"({' | '.join(PRESETS)}) or any transformers BertConfig field, e.g. --model.hidden_size 256")
+
+
 def _field_comments(cls) -> dict[str, str]:
-    """The trailing `# comment` of each field in the class source: one place for the docs."""
+    """The trailing `# comment` of each field in the class source (and its bases'): one
+    place for the docs."""
     import inspect
 
     out = {}
-    for line in inspect.getsource(cls).splitlines():
-        s = line.strip()
-        if ":" in s and "#" in s and not s.startswith(("#", "def", "\"")):
-            name = s.split(":", 1)[0].strip()
-            out[name] = s.split("#", 1)[1].strip()
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        for line in inspect.getsource(klass).splitlines():
+            s = line.strip()
+            if ":" in s and "#" in s and not s.startswith(("#", "def", "\"")):
+                name = s.split(":", 1)[0].strip()
+                out[name] = s.split("#", 1)[1].strip()
     return out
 
 
@@ -141,7 +156,8 @@ def _quiet_ray_data() -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    from .pretrain import PretrainConfig, held_out_summary, load_run_config, pretrain
+    from .pretrain import PretrainConfig, load_run_config, pretrain
+    from .train.metrics import held_out_summary
 
     try:
         bad = next((k for k in overrides if k.split(".", 1)[0] not in ("pretrain", "model")), None)
@@ -175,7 +191,9 @@ evaluate, deploy, a real request) are listed as skipped.
 
 Without --config the bundled local profile (configs/local.toml: BBC News, tiny model,
 2 workers, ZeRO-2) runs; overrides use the stage tables: --data.KEY, --model.KEY,
---pretrain.KEY."""
+--pretrain.KEY. Each stage writes a folder named by its config hash (runs/data-<hash>,
+runs/pretrain-<hash>): a changed config never overwrites a finished run, and a killed run
+resumes from its last checkpoint when started again."""
 
 
 def cmd_run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
@@ -184,22 +202,14 @@ def cmd_run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
     config = args.config or str(Path(__file__).resolve().parent.parent / "configs" / "local.toml")
     try:
-        plan_run(config, overrides)  # validate everything before any Ray work
+        plan_run(config, overrides, force=args.force)  # validate everything before any Ray work
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         _quiet_ray_data()
-        run(config, overrides)
+        run(config, overrides, force=args.force)
     except (ConfigError, InputError) as e:
         print(f"cloze run: error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-def _not_implemented(name: str) -> Callable[[argparse.Namespace, dict], int]:
-    def run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-        print(f"cloze {name}: not implemented yet", file=sys.stderr)
-        return 2
-
-    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,8 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("pretrain", help="pretrain the encoder with Ray Train + DeepSpeed ZeRO",
                          description="Pretrain the encoder on `cloze data` shards: Ray Train TorchTrainer, "
                                      "DeepSpeed ZeRO 0-3 in each worker, checkpoints, HF export.",
-                         epilog="overrides: --pretrain.KEY VALUE (e.g. --pretrain.zero_stage 3, "
-                                "--pretrain.optimizer.lr 1e-3) and --model.KEY VALUE (e.g. --model.preset mini)")
+                         epilog=_pretrain_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     pre.add_argument("--config", metavar="FILE.toml", help="TOML file; its [pretrain] and [model] tables are read")
     pre.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its newest complete checkpoint")
     pre.set_defaults(run=cmd_pretrain)
@@ -222,11 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
                          description=RUN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--config", metavar="FILE.toml", help="TOML with [data], [model], [pretrain] tables "
                                                           "(default: configs/local.toml)")
+    run.add_argument("--force", action="store_true",
+                     help="redo the pretrain stage even if its folder for this config is finished or "
+                          "has checkpoints (deletes that folder; other runs are never touched)")
     run.set_defaults(run=cmd_run)
-    for name, help_text in STAGES_TODO.items():
-        p = sub.add_parser(name, help=f"{help_text} (not implemented yet)", description=help_text)
-        p.add_argument("--config", metavar="FILE.toml")
-        p.set_defaults(run=_not_implemented(name))
     return parser
 
 

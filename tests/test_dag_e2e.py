@@ -1,14 +1,23 @@
-"""`cloze run` end to end, small: real BBC articles -> Ray Data pairs -> Ray Train + DeepSpeed -> HF folder."""
+"""`cloze run` end to end, small: real BBC articles -> Ray Data pairs -> Ray Train + DeepSpeed -> HF folder.
+A rerun is a cache hit; a changed config writes a new folder and keeps the finished one; a
+killed run resumes from its last checkpoint when run again."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from faults import kill_tree
+
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
+LOCAL = Path(__file__).resolve().parent.parent / "configs" / "local.toml"
 
 
 def _articles(dest: Path, count: int) -> Path:
@@ -21,27 +30,38 @@ def _articles(dest: Path, count: int) -> Path:
     return dest
 
 
-def test_cloze_run_dag_trains_exports_and_caches(ray_cluster, tmp_path):
-    from pipelines.dag import run
-
-    corpus = _articles(tmp_path / "corpus", 64)
-    overrides = {
+def _overrides(tmp_path: Path, corpus: Path, **kw) -> dict:
+    return {
         "data.inputs": [str(corpus)], "data.output": str(tmp_path / "data"), "data.vocab_size": 2000,
+        "data.max_seq_len": 256,  # the pretraining stage must train on what the data stage wrote
         "data.shard_bytes": 32768,  # a few shards: local.toml holds the last one out for evaluation
         "pretrain.storage_path": str(tmp_path / "runs"), "pretrain.max_steps": 6,
         "pretrain.checkpoint_every": 3, "pretrain.batch_size_per_worker": 8, "pretrain.global_batch_size": 16,
-        "pretrain.optimizer.warmup_steps": 2,
-    }
+        "pretrain.optimizer.warmup_steps": 2, **kw}
+
+
+def test_cloze_run_dag_trains_exports_caches_and_keeps_finished_runs(ray_cluster, tmp_path):
+    from pipelines.dag import run
+
+    corpus = _articles(tmp_path / "corpus", 64)
+    overrides = _overrides(tmp_path, corpus)
     lines: list[str] = []
-    out = run(Path(__file__).resolve().parent.parent / "configs" / "local.toml", overrides, log=lines.append)
-    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    out = run(LOCAL, overrides, log=lines.append)
+    data_dir = Path(out["data_dir"])
+    assert data_dir.parent == tmp_path and data_dir.name.startswith("data-")
+    manifest = json.loads((data_dir / "manifest.json").read_text())
     assert manifest["documents"]["read"] == 64
     model_dir = Path(out["model_dir"])
+    assert model_dir.parent.name.startswith("pretrain-")
     info = json.loads((model_dir / "cloze.json").read_text())
     assert info["architecture"] == "BertForPreTraining"
-    # the model's vocabulary is the one the data stage trained, and its files travel with it
-    assert json.loads((model_dir / "config.json").read_text())["vocab_size"] == manifest["tokenizer"]["vocab_size"]
-    assert (model_dir / "vocab.txt").read_text() == (tmp_path / "data" / "vocab.txt").read_text()
+    # the model's vocabulary and sequence length are the ones the data stage wrote
+    hf_config = json.loads((model_dir / "config.json").read_text())
+    assert hf_config["vocab_size"] == manifest["tokenizer"]["vocab_size"]
+    assert hf_config["max_position_embeddings"] >= 256
+    run_config = json.loads((model_dir.parent / "config.json").read_text())
+    assert run_config["max_seq_len"] == manifest["max_seq_len"] == 256 and run_config["data"] == str(data_dir)
+    assert (model_dir / "vocab.txt").read_text() == (data_dir / "vocab.txt").read_text()
     assert out["metrics"]["step"] == 6 and "mlm/loss" in out["metrics"] and "nsp/loss" in out["metrics"]
     assert any("skipped (not built yet)" in line for line in lines)
     assert len(manifest["shards"]) >= 2 and [e["step"] for e in out["evals"]] == [0, 3, 6]
@@ -54,6 +74,46 @@ def test_cloze_run_dag_trains_exports_and_caches(ray_cluster, tmp_path):
 
     # same inputs and config again: both stages are cache hits, nothing retrains
     stamp = (model_dir / "model.safetensors").stat().st_mtime_ns
-    again = run(Path(__file__).resolve().parent.parent / "configs" / "local.toml", overrides, log=lines.append)
-    assert again.get("skipped") is True
+    again = run(LOCAL, overrides, log=lines.append)
+    assert again.get("skipped") is True and again["model_dir"] == out["model_dir"]
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp
+
+    # a changed config (a longer run, another mask rate) is a new run folder; the finished one stays
+    longer = run(LOCAL, _overrides(tmp_path, corpus, **{"pretrain.max_steps": 8, "pretrain.mask_prob": 0.2}),
+                 log=lines.append)
+    assert longer["model_dir"] != out["model_dir"] and longer["metrics"]["step"] == 8
+    assert longer["data_dir"] == out["data_dir"]  # masking settings are pretraining's: no re-tokenizing
+    assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in model_dir.parent.glob("checkpoint_*")) == ["checkpoint_00000003",
+                                                                              "checkpoint_00000006"]
+
+
+def test_a_killed_cloze_run_resumes_from_its_last_checkpoint(ray_cluster, tmp_path):
+    from pipelines.dag import run
+
+    corpus = _articles(tmp_path / "corpus", 48)
+    overrides = _overrides(tmp_path, corpus, **{"pretrain.max_steps": 40, "pretrain.checkpoint_every": 4})
+    args = [str(Path(sys.executable).parent / "cloze"), "run", "--config", str(LOCAL)]
+    for key, value in overrides.items():
+        args += [f"--{key}", json.dumps(value) if isinstance(value, list) else str(value)]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if any(p.is_dir() for p in (tmp_path / "runs").glob("pretrain-*/checkpoint_00000004")):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-3000:]
+    finally:
+        kill_tree(proc)
+    run_dir = next((tmp_path / "runs").glob("pretrain-*"))
+    assert not (run_dir / "model").exists()
+
+    lines: list[str] = []
+    out = run(LOCAL, overrides, log=lines.append)
+    assert out["resumed"] is True and Path(out["run_dir"]) == run_dir
+    assert any("resumed from its last checkpoint" in line for line in lines)
+    assert out["metrics"]["step"] == 40 and Path(out["model_dir"], "model.safetensors").is_file()
+    steps = [e["step"] for e in out["evals"]]
+    assert steps[0] == 0 and steps[-1] == 40 and 4 in steps  # the killed run's evaluations are kept

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from encoder import ConfigError
-from pipelines.pretrain import (
-    DEEPSPEED_DIR, PretrainConfig, build_collator, seeded_batch, WarmupDecay, check_resources, checkpoint_problem,
-    deepspeed_config, latest_valid_checkpoint, param_groups, build_model, shard_files, synthetic_pair_shards,
-)
+from pipelines.data.synthetic import synthetic_pair_shards
+from pipelines.pretrain import PretrainConfig, resolve
+from pipelines.train import check_resources
+from pipelines.train.checkpoint import checkpoint_problem, latest_valid_checkpoint
+from pipelines.train.optim import DEEPSPEED_DIR, WarmupDecay, deepspeed_config, param_groups
 
 TINY = {"preset": "tiny", "vocab_size": 128, "hidden_size": 32, "num_attention_heads": 2,
         "intermediate_size": 64, "max_position_embeddings": 64}
@@ -67,7 +66,7 @@ def test_resources_checked():
 def test_deepspeed_templates_filled(stage):
     cfg = config(zero_stage=stage, batch_size_per_worker=4, num_workers=2, global_batch_size=24,
                  precision="bf16", offload_optimizer=stage > 0)
-    ds = deepspeed_config(cfg)
+    ds = deepspeed_config(cfg, cfg.encoder_config().hidden_size)
     assert "auto" not in json.dumps(ds)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (24, 4, 3)
     assert ds["zero_optimization"]["stage"] == stage and ds["bf16"]["enabled"] is True
@@ -91,8 +90,9 @@ def test_schedule_warmup_then_decay():
     assert WarmupDecay(2, 10, "constant", 0.0)(9) == 1.0
 
 
-def test_no_weight_decay_on_layernorm_and_bias():
-    model = build_model(config(objectives={"mlm": 1.0, "nsp": 1.0}))
+def test_no_weight_decay_on_layernorm_and_bias(tmp_path):
+    data = synthetic_pair_shards(tmp_path, rows=8, shards=1, vocab_size=128)
+    model = resolve(config(objectives={"mlm": 1.0, "nsp": 1.0}, data=str(data))).build_model()
     decay, no_decay = param_groups(model, 0.01)
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
@@ -103,21 +103,20 @@ def test_no_weight_decay_on_layernorm_and_bias():
     assert total == sum(p.numel() for p in model.parameters())  # the tied decoder counted once
 
 
-def test_batches_are_a_function_of_their_seed(tmp_path):
-    synthetic_pair_shards(tmp_path, rows=8, shards=1, vocab_size=128, max_len=21)
-    rows = pq.read_table(shard_files(str(tmp_path))[0]).to_pandas().to_dict("list")
-    rows = {k: [np.asarray(x) for x in v] if k in ("input_ids", "token_type_ids") else np.asarray(v)
-            for k, v in rows.items()}
-    cfg = config(mask_prob=0.5, data=str(tmp_path))  # no manifest.json: special ids from the config
-    collate = build_collator(cfg, vocab_size=128)
-    a, b, c = (seeded_batch(collate, rows, seed) for seed in (1, 2, 1))
+def test_batches_are_a_function_of_their_position(tmp_path):
+    synthetic_pair_shards(tmp_path, rows=64, shards=2, vocab_size=128, max_len=21)
+    task = resolve(config(mask_prob=0.5, data=str(tmp_path), batch_size_per_worker=8, num_workers=1))
+    assert task.config.special_token_ids == (0, 100, 101, 102, 103)  # from the manifest
+    first = [b for _, (_, _, b) in zip(range(3), task.batches(0, 1, 0, 0))]
+    again = next(iter(task.batches(0, 1, 0, 2)))  # a resumed run: batch 2 read directly
+    assert again[:2] == (0, 2) and all(torch.equal(first[2][k], again[2][k]) for k in first[2])
+    a = first[0]
     B, T = a["input_ids"].shape
-    assert T % 8 == 0 and T >= max(len(x) for x in rows["input_ids"]) and B == 8
-    assert all(torch.equal(a[k], c[k]) for k in a)  # same seed, same masks (a resumed run)
-    assert not torch.equal(a["mlm_labels"], b["mlm_labels"])
+    assert T % 8 == 0 and B == 8
+    assert not torch.equal(first[0]["mlm_labels"], first[1]["mlm_labels"])
     picked = a["mlm_labels"] != -100
     assert picked.any() and not torch.isin(a["mlm_labels"][picked], torch.tensor([0, 101, 102])).any()
-    assert a["attention_mask"].sum(1).tolist() == [len(x) for x in rows["input_ids"]]
+    assert (a["input_ids"][:, 0] == 101).all() and (a["attention_mask"].sum(1) > 4).all()
     assert set(a) >= {"nsp_label", "sop_label", "shuffle_label", "token_type_ids"}
 
 
@@ -164,3 +163,36 @@ def test_run_config_reloads_where_the_folder_is(tmp_path):
     again = load_run_config(tmp_path / "moved")
     assert again.zero_stage == 3 and again.name == "moved" and again.storage_path == str(tmp_path)
     assert again.encoder_config() == cfg.encoder_config()
+
+
+def test_gpu_peak_by_exact_model_and_precision():
+    from pipelines.train.metrics import gpu_peak_flops
+
+    assert gpu_peak_flops("NVIDIA L40S", "bf16") == 362e12  # not the L4's 121e12 ("L4" in "L40S")
+    assert gpu_peak_flops("NVIDIA L4", "bf16") == 121e12 and gpu_peak_flops("NVIDIA L4", "fp32") == 30.3e12
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3", "fp32") == 67e12  # fp32 runs: the fp32 peak
+    assert gpu_peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12
+    assert gpu_peak_flops("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
+    assert gpu_peak_flops("NVIDIA A10G", "bf16") == 70e12 and gpu_peak_flops("NVIDIA A10", "bf16") == 125e12
+    assert gpu_peak_flops("NVIDIA GeForce RTX 4090", "bf16") == 0.0  # unknown: MFU 0, never a guess
+
+
+def test_metrics_stay_on_the_device_until_one_reduce():
+    from pipelines.train.metrics import DeviceSums
+
+    sums = DeviceSums(torch.device("cpu"))
+    for v in (1.0, 2.0, 3.0):
+        sums.add({"loss": torch.tensor(v)}, weight=0.5)
+    sums.add({"acc": torch.tensor(0.25)})
+    assert all(isinstance(t, torch.Tensor) for t in sums.sums.values())  # nothing read back yet
+    assert sums.reduce(world=1) == {"acc": 0.25, "loss": 3.0} and sums.sums == {}
+
+
+def test_multi_node_needs_shared_storage():
+    from pipelines.train import check_storage
+
+    check_storage(config(storage_path="runs"), alive_nodes=1)
+    with pytest.raises(ConfigError, match="local path but the cluster has 3 nodes"):
+        check_storage(config(storage_path="runs"), alive_nodes=3)
+    check_storage(config(storage_path="s3://bucket/runs"), alive_nodes=3)
+    check_storage(config(storage_path="/mnt/nfs/runs", shared_filesystem=True), alive_nodes=3)

@@ -13,14 +13,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from encoder.hf import load_pretrained
-from pipelines.pretrain import (PretrainConfig, WarmupDecay, pretrain, read_metrics, synthetic_pair_shards,
-                                torch_extensions_dir)
+from pipelines.data.synthetic import synthetic_pair_shards
+from pipelines.pretrain import PretrainConfig, pretrain, read_metrics, resolve
+from pipelines.train.config import torch_extensions_dir
+from pipelines.train.optim import WarmupDecay
 
 pytestmark = pytest.mark.ray
 
@@ -118,19 +119,23 @@ def test_bf16_on_cpu_trains_and_exports_fp32(reference, data, runs):
     assert model.load_report["fresh"] == []  # every trained tensor came back
 
 
-def step_tokens(data: str, per_step: int, max_seq_len: int) -> list[int]:
-    """Real tokens of each optimizer step: rows are consumed in shard order, `per_step` at a time."""
-    lengths = np.concatenate([pq.read_table(f, columns=["length"]).column("length").to_numpy()
-                              for f in sorted(Path(data).glob("*.parquet"))])
-    lengths = np.minimum(lengths, max_seq_len)
-    return [int(lengths[i:i + per_step].sum()) for i in range(0, len(lengths) - per_step + 1, per_step)]
+def step_tokens(cfg: PretrainConfig, steps: int) -> list[int]:
+    """Real tokens of each optimizer step: every rank's micro-batches of the step, as the
+    loader hands them out (each rank its own share of the rows)."""
+    task, world, k = resolve(cfg), cfg.num_workers, cfg.accumulation
+    per_rank = []
+    for rank in range(world):
+        it = task.reader(rank, world).batches(0, 0)
+        per_rank.append([sum(min(len(x), cfg.max_seq_len) for x in next(it)[2]["input_ids"])
+                         for _ in range(steps * k)])
+    return [sum(sum(r[s * k:(s + 1) * k]) for r in per_rank) for s in range(steps)]
 
 
 def test_accumulation_and_token_budget(ray_cluster, data, runs):
     """Global batch 16 = 2 micro-batches x 4 rows x 2 workers; max_tokens ends the run at step 7 of 12."""
     stop_at = 7
-    per_step = step_tokens(data, 16, 64)
-    cumulative = np.cumsum(per_step)
+    cfg = make_config(data, runs, "accumulate", zero_stage=2, global_batch_size=16)
+    cumulative = np.cumsum(step_tokens(cfg, STEPS))
     budget = int(cumulative[stop_at - 2]) + 1  # reached during step `stop_at`, not before
     cfg = make_config(data, runs, "accumulate", zero_stage=2, global_batch_size=16, max_tokens=budget)
     assert cfg.accumulation == 2 and cfg.effective_global_batch == 16

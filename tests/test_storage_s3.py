@@ -28,7 +28,8 @@ from encoder import ConfigError
 from pipelines.data.config import DataConfig
 from pipelines.data.corpus import bbc_root
 from pipelines.data.pairs import build_sentence_pairs, read_manifest
-from pipelines.pretrain import PretrainConfig, pretrain, synthetic_pair_shards
+from pipelines.data.synthetic import synthetic_pair_shards
+from pipelines.pretrain import PretrainConfig, pretrain, resolve
 
 pytestmark = pytest.mark.ray
 
@@ -146,12 +147,21 @@ def test_pretrain_reads_shards_and_stores_run_in_s3(ray_s3, tmp_path):
 
     fs, query = ray_s3
     synthetic_pair_shards(tmp_path / "shards", rows=4 * 8, shards=2, vocab_size=128)
+    # the manifest, not BERT's defaults, names the special ids (here [MASK] = 104, not 103), over s3 too
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    manifest["tokenizer"]["special_ids"]["mask"] = 104
+    (tmp_path / "shards" / "manifest.json").write_text(json.dumps(manifest))
     pafs.copy_files(str(tmp_path / "shards"), f"{BUCKET}/shards", destination_filesystem=fs)
     cfg = PretrainConfig.from_dict({
         "data": f"s3://{BUCKET}/shards{query}", "storage_path": f"s3://{BUCKET}/runs{query}", "name": "tiny",
         "model": TINY, "max_seq_len": 64, "objectives": {"mlm": 1.0, "nsp": 1.0}, "batch_size_per_worker": 4,
         "num_workers": 2, "cpus_per_worker": 1.0, "max_steps": 4, "checkpoint_every": 2, "keep_checkpoints": 2,
         "zero_stage": 0, "seed": 7, "optimizer": {"lr": 3e-3, "warmup_steps": 1}})
+    task = resolve(cfg)
+    assert task.config.special_token_ids == (0, 100, 101, 102, 104)
+    batch = next(iter(task.batches(0, 2, 0, 0)))[2]
+    masked = batch["mlm_labels"] != -100
+    assert (batch["input_ids"][masked] == 104).any() and not (batch["input_ids"] == 103).any()
     result = pretrain(cfg, progress=False, log=lambda *_: None)
 
     assert result.metrics["step"] == 4 and result.metrics["samples"] == 32

@@ -1,11 +1,5 @@
-"""Shards -> training batches: the collator (pad per batch, draw MLM masks) and the reader.
-
-In a Ray Train worker:
-
-    shard = ray.train.get_dataset_shard("train")
-    collator = PretrainCollator.from_folder(data_dir, seed=seed + rank)
-    for batch in iter_pretraining_batches(shard, collator, batch_size=32):
-        ...  # batch: input_ids, attention_mask, token_type_ids, mlm_labels, <task>_label
+"""Shard rows -> the model's batch: pad per batch, draw MLM masks (the loader,
+`pipelines.data.loader`, decides which rows and seeds each batch's generator).
 
 Dynamic masking: the collator owns a torch.Generator and draws new masks for every batch,
 so each epoch sees different masks (RoBERTa); static shards carry `mlm_labels` and are
@@ -15,17 +9,14 @@ of 8 (tensor-core friendly), not to max_seq_len.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 import torch
-from ray.data.collate_fn import NumpyBatchCollateFn
 
 from encoder.masking import IGNORE, mask_tokens
 
-from .tokenizer import SpecialIds, continuation_table, load_tokenizer
+from .tokenizer import SpecialIds
 
 LABEL_COLUMNS = ("nsp_label", "sop_label", "shuffle_label")
 
@@ -41,10 +32,9 @@ def pad_rows(rows: Iterable[np.ndarray], value: int, multiple: int = 8) -> torch
     return torch.from_numpy(out)
 
 
-class PretrainCollator(NumpyBatchCollateFn):
-    """numpy batch of shard rows -> the model's batch dict (torch tensors, all long).
-
-    A NumpyBatchCollateFn so that Ray runs it in its iterator; plain callable otherwise."""
+class PretrainCollator:
+    """Shard rows (token columns as arrays, label columns as one array) -> the model's batch
+    dict (torch tensors, all long). Static shards' `mlm_labels` are used as written."""
 
     def __init__(self, special: SpecialIds, *, mask_prob: float = 0.15, max_predictions: int | None = 20,
                  whole_word_masking: bool = False, continuation: list[bool] | None = None,
@@ -58,18 +48,6 @@ class PretrainCollator(NumpyBatchCollateFn):
         self.specials = torch.tensor(special.all)
         self.continuation = torch.tensor(continuation) if whole_word_masking else None
         self.generator = torch.Generator().manual_seed(seed)
-
-    @classmethod
-    def from_folder(cls, folder: str | Path, *, seed: int = 0, pad_multiple: int = 8) -> "PretrainCollator":
-        """Masking settings and tokenizer from a shard folder written by `cloze data`."""
-        folder = Path(folder)
-        manifest = json.loads((folder / "manifest.json").read_text())
-        cfg = manifest["config"]
-        tok = load_tokenizer(folder / "tokenizer.json")
-        return cls(SpecialIds.of(tok), mask_prob=cfg["mask_prob"], max_predictions=cfg["max_predictions_per_seq"],
-                   whole_word_masking=cfg["whole_word_masking"],
-                   continuation=continuation_table(tok) if cfg["whole_word_masking"] else None,
-                   pad_multiple=pad_multiple, seed=seed)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         input_ids = pad_rows(batch["input_ids"], self.special.pad, self.pad_multiple)  # (B, T)
@@ -92,30 +70,3 @@ class PretrainCollator(NumpyBatchCollateFn):
             if name in batch:
                 out[name] = torch.as_tensor(np.asarray(batch[name], dtype=np.int64))
         return out
-
-
-def load_pretraining_dataset(folder: str):
-    """A finished shard folder as a ray.data.Dataset (refuses one without manifest.json)."""
-    import ray.data
-
-    from .pairs import read_manifest
-
-    manifest = read_manifest(folder)
-    if manifest is None:
-        raise FileNotFoundError(f"{folder}: no manifest.json, not a finished `cloze data` output")
-    files = [f"{folder.rstrip('/')}/{s['file']}" for s in manifest["shards"]]
-    return ray.data.read_parquet(files, columns=manifest["columns"])
-
-
-def iter_pretraining_batches(shard, collator: PretrainCollator, *, batch_size: int = 32,
-                             local_shuffle_buffer_size: int | None = None, shuffle_seed: int | None = None,
-                             prefetch_batches: int = 4, drop_last: bool = True) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches from a Ray Train dataset shard (`ray.train.get_dataset_shard`) or a Dataset.
-
-    The local shuffle buffer defaults to 8 batches: enough to mix rows from different shards
-    (each shard is already shuffled when written), small enough that the first batch comes at
-    once; batches are prefetched and collated in Ray's iterator thread, beside training."""
-    buffer = local_shuffle_buffer_size if local_shuffle_buffer_size is not None else 8 * batch_size
-    yield from shard.iter_torch_batches(batch_size=batch_size, collate_fn=collator, drop_last=drop_last,
-                                        local_shuffle_buffer_size=buffer or None, local_shuffle_seed=shuffle_seed,
-                                        prefetch_batches=prefetch_batches)

@@ -1,0 +1,91 @@
+"""AdamW with a warmup + decay schedule, handed to DeepSpeed with a ZeRO config filled from
+the run config (`cluster/deepspeed/zero<stage>.json`)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+
+DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "cluster" / "deepspeed"
+
+
+def deepspeed_config(cfg: TrainConfig, hidden_size: int) -> dict:
+    """`cluster/deepspeed/zero<stage>.json` with its "auto" values filled from the run config."""
+    template = json.loads((DEEPSPEED_DIR / f"zero{cfg.zero_stage}.json").read_text())
+    values = {
+        "train_batch_size": cfg.effective_global_batch,
+        "train_micro_batch_size_per_gpu": cfg.batch_size_per_worker,
+        "gradient_accumulation_steps": cfg.accumulation,
+        "gradient_clipping": cfg.optimizer.grad_clip,
+        "bf16.enabled": cfg.precision == "bf16",
+        "zero_optimization.offload_optimizer.device": "cpu" if cfg.offload_optimizer else "none",
+    }
+    # Buffer sizes from the model's width, as HF's DeepSpeed integration does (H^2 elements),
+    # with a 1 Mi-element floor: DeepSpeed allocates some of them whole, so a fixed 5e7 (200 MB
+    # in fp32) dwarfed the model states of small models and hid ZeRO-3's saving.
+    bucket = max(hidden_size * hidden_size, 2**20)
+    values.update({"zero_optimization.reduce_bucket_size": bucket, "zero_optimization.allgather_bucket_size": bucket,
+                   "zero_optimization.stage3_prefetch_bucket_size": bucket,
+                   "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size})
+
+    def fill(node: dict, prefix: str) -> dict:
+        out = {}
+        for key, value in node.items():
+            dotted = prefix + key
+            if isinstance(value, dict):
+                out[key] = fill(value, dotted + ".")
+            elif value == "auto":
+                if dotted not in values:
+                    raise KeyError(f"zero{cfg.zero_stage}.json: no run-config value for {dotted}")
+                out[key] = values[dotted]
+            else:
+                out[key] = value
+        return out
+
+    return fill(template, "")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: LayerNorm weights and biases (all 1-d tensors) get none.
+    Frozen parameters (requires_grad False) are left out."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():  # tied weights are listed once
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class WarmupDecay:
+    """lr multiplier at optimizer step s: linear warmup, then linear / cosine / no decay.
+
+    A class, not a lambda, so LambdaLR's state_dict (saved in checkpoints) carries it."""
+
+    def __init__(self, warmup: int, total: int, decay: str, min_ratio: float):
+        self.warmup, self.total, self.decay, self.min_ratio = warmup, total, decay, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.decay == "constant":
+            return 1.0
+        frac = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        shape = 1.0 - frac if self.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+        return self.min_ratio + (1.0 - self.min_ratio) * shape
+
+
+def build_engine(model: torch.nn.Module, groups: list[dict], cfg: TrainConfig, ds_config: dict):
+    """(engine, schedule): a client AdamW (no JIT-built DeepSpeed Adam) + LambdaLR, wrapped."""
+    import deepspeed
+
+    opt = cfg.optimizer
+    optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupDecay(
+        opt.warmup_steps, cfg.max_steps, opt.decay, opt.min_lr_ratio))
+    engine, _, _, schedule = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                                  config=ds_config)
+    return engine, schedule

@@ -1,0 +1,69 @@
+"""The contract between the training core and what it trains.
+
+A task is a picklable object built by the driver (config checked, data described) and
+shipped to every worker. The core owns DeepSpeed, the step loop, checkpoints, metrics,
+resume and export plumbing; the task owns the model, the data and the exported folder:
+
+    class MyTask(Task):
+        config: TrainConfig subclass
+        def build_model(self) -> nn.Module:            # forward(batch) -> ObjectiveOutput(loss, metrics)
+        def batches(self, rank, world, epoch, index):  # (epoch, index, batch of CPU tensors) forever
+        def held_out(self, rank, world):               # fixed evaluation batches, or []
+        def export(self, state_dict, metrics, dest):   # rank 0: the full fp32 weights -> a model folder
+
+Metrics named `<part>/count` weight `<part>/loss` and `<part>/acc` in held-out averages.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+
+from .config import TrainConfig
+
+
+class Task:
+    name = "train"
+    config: TrainConfig
+
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def hidden_size(self) -> int:
+        """The model's width (sizes DeepSpeed's buckets)."""
+        raise NotImplementedError
+
+    def batches(self, rank: int, world: int, epoch: int, index: int) -> Iterator[tuple[int, int, dict]]:
+        raise NotImplementedError
+
+    def locate(self, rank: int, world: int, epoch: int, index: int) -> dict[str, Any]:
+        """This rank's position in the data for a checkpoint (epoch, index and what it maps to)."""
+        return {"epoch": epoch, "index": index}
+
+    def held_out(self, rank: int, world: int) -> list[dict]:
+        return []
+
+    def flops(self, batch: dict) -> float:
+        """Training FLOPs of one batch (forward + backward), for MFU; 0 = unknown."""
+        return 0.0
+
+    def export(self, state: dict[str, torch.Tensor], metrics: dict[str, float], dest: str) -> None:
+        raise NotImplementedError
+
+
+class Callback:
+    """Hooks into every worker's loop (tests inject faults with these; a user can stop a run).
+
+    `on_batch(step, rank, batch)`: each micro-batch as this rank receives it (CPU tensors).
+    `wants_stop(step)`: stop cleanly after this step (a checkpoint is written, no export).
+    `after_step(step, rank, world, run_dir)`: after the step's checkpoint, if any."""
+
+    def on_batch(self, step: int, rank: int, batch: dict) -> None:
+        pass
+
+    def wants_stop(self, step: int) -> bool:
+        return False
+
+    def after_step(self, step: int, rank: int, world: int, run_dir: str) -> None:
+        pass
