@@ -192,8 +192,6 @@ def test_mlm_labels_only_masked_positions_count_and_specials_never_masked():
     torch.manual_seed(0)
     model = E.MultiObjective(E.Encoder(E.EncoderConfig.from_name("tiny", vocab_size=1000)), {"mlm": 1.0}).eval()
     b = {"input_ids": masked[:4, :32], "mlm_labels": labels[:4, :32]}
-    b2 = {"input_ids": masked[:4, :32].clone(), "mlm_labels": labels[:4, :32].clone()}
-    b2["mlm_labels"][b2["mlm_labels"] == -100] = -100
     n = int((b["mlm_labels"] != -100).sum())
     out = model(b)
     assert int(out.metrics["mlm/count"]) == n
@@ -201,6 +199,12 @@ def test_mlm_labels_only_masked_positions_count_and_specials_never_masked():
     where = b["mlm_labels"] != -100
     expect = F.cross_entropy(model.objectives["mlm"].head(hidden[where]), b["mlm_labels"][where])
     assert torch.allclose(out.loss, expect, atol=1e-6)
+    # full logits at every position, wildly changed where the label is -100: the same loss
+    logits = model.objectives["mlm"].head(hidden)  # (B, T, V)
+    noisy = torch.where(where[..., None], logits, logits + 100 * torch.randn_like(logits))
+    assert not torch.allclose(noisy, logits)
+    full = F.cross_entropy(noisy.reshape(-1, noisy.shape[-1]), b["mlm_labels"].reshape(-1), ignore_index=-100)
+    assert torch.allclose(out.loss, full, atol=1e-5)
 
 
 def test_max_predictions_and_whole_word_masking():
