@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from pipelines.data.config import DataConfig
 from pipelines.data.corpus import plan_units, read_unit
-from pipelines.data.pairs import BUILDERS
+from pipelines.data.builders import BUILDERS
 from pipelines.data.text import document_sentences, normalize_text
 from pipelines.data.tokenizer import SpecialIds, load_tokenizer
 

@@ -6,8 +6,10 @@ sentence, position), so the truth is known; rates are checked on real BBC News t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import signal
 from collections import Counter
 from pathlib import Path
 
@@ -21,8 +23,8 @@ from pipelines.cli import parse_value, split_overrides
 from pipelines.data.collate import PretrainCollator, pad_rows
 from pipelines.data.config import DataConfig
 from pipelines.data.corpus import InputError, JSONL, Unit, _jsonl_lines, bbc_root, plan_units, read_unit
-from pipelines.data.pairs import (BuildExamples, MlmBuilder, NspBuilder, ReadDocuments, ShuffleBuilder, SopBuilder,
-                             SplitSentences, TokenizeSentences, shard_table, truncate_pair)
+from pipelines.data.builders import MlmBuilder, NspBuilder, ShuffleBuilder, SopBuilder, truncate_pair
+from pipelines.data.units import BuildExamples, ReadDocuments, SplitSentences, TokenizeSentences, shard_table
 from pipelines.data.text import BINARY, EMPTY, NO_TEXT, TOO_LARGE, document_sentences, normalize_text
 from pipelines.data.tokenizer import SpecialIds, load_tokenizer, save_tokenizer, train_wordpiece
 
@@ -103,17 +105,80 @@ def test_sop_both_orders_from_one_document():
 
 def test_shuffle_one_paragraph_and_single_sentences_are_counted_not_labeled():
     docs = indexed_docs(60)
-    examples, counts = build(ShuffleBuilder, docs, max_seq_len=128)
-    paragraphs = {tuple(tuple(s) for s in para) for doc in docs for para in doc}
+    examples, counts = build(ShuffleBuilder, docs, max_seq_len=128, passes=2)
+    where = {}  # first token of a sentence -> (doc, paragraph, position in it, the sentence)
+    for d, doc in enumerate(docs):
+        for p, para in enumerate(doc):
+            for i, sentence in enumerate(para):
+                where[sentence[0]] = (d, p, i, sentence)
+    labels = Counter()
     for ids, types, label in examples:
         body = ids[1:-1]
         assert types == [0] * len(ids) and ids[0] == SPECIAL.cls and ids[-1] == SPECIAL.sep
-        para = next(p for p in paragraphs if body[0] in {t for s in p for t in s})
-        in_order = [t for s in para for t in s][: len(body)]
-        assert (body == in_order) == (label == 0)
-        assert sorted(body) == sorted(in_order) or label == 1
+        runs, i = [], 0  # the body cut into whole sentences
+        while i < len(body):
+            d, p, pos, sentence = where[body[i]]  # KeyError: a run that does not start a sentence
+            assert body[i:i + len(sentence)] == sentence, "a sentence cut or mixed with another"
+            runs.append((d, p, pos))
+            i += len(sentence)
+        assert len({(d, p) for d, p, _ in runs}) == 1, "sentences of two paragraphs"
+        positions = [pos for _, _, pos in runs]
+        assert sorted(positions) == list(range(min(positions), min(positions) + len(runs))), \
+            "not a window of consecutive sentences, each once"
+        assert len(runs) >= 2
+        if label == 0:  # the paragraph's window in its own order
+            assert positions == sorted(positions)
+        else:  # a permutation of the same sentences that changes the text
+            assert label == 1 and positions != sorted(positions)
+        labels[label] += 1
+    assert labels[0] > 100 and labels[1] > 100
     single = sum(1 for doc in docs for para in doc if len(para) == 1)
-    assert counts["windows_single_sentence"] >= single > 0
+    assert counts["windows_single_sentence"] >= 2 * single > 0
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Fail (TimeoutError) instead of hanging: for code that looped forever before its fix."""
+    def expired(*_):
+        raise TimeoutError(f"did not return in {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_shuffle_never_hangs_on_windows_whose_orders_all_read_the_same():
+    """[5] + [5, 5] == [5, 5] + [5]: no order changes the text (the old builder looped forever
+    on such a window once its coin said "shuffle"). Counted, not labeled; others still shuffle."""
+    same = [[[5], [5, 5]], [[7, 8], [7, 8, 7, 8]], [[9], [9], [9, 9, 9]]]  # every order: the same tokens
+    docs = [[*same * 10, [[10, 11], [12]]] for _ in range(10)]
+    with time_limit(10):
+        examples, counts = build(ShuffleBuilder, docs, max_seq_len=64, passes=2)
+    assert counts["windows_unshuffleable"] == 2 * 10 * 30
+    assert len(examples) == 2 * 10 and {e[2] for e in examples} == {0, 1}
+    for ids, _, label in examples:
+        assert ids[1:-1] == ([10, 11, 12] if label == 0 else [12, 10, 11])
+
+
+def test_shuffle_draws_are_bounded():
+    """If the random draws keep giving the original text, two neighbours are swapped."""
+
+    class Stuck(random.Random):
+        def shuffle(self, x):  # a generator whose every shuffle is the identity
+            pass
+
+    examples, counts = [], Counter()
+    builder = ShuffleBuilder(64, 0.0, SPECIAL)
+    with time_limit(10):
+        for seed in range(20):
+            builder.emit([[5], [5], [6]], Stuck(seed), counts, examples)
+    shuffled = [e for e in examples if e[2] == 1]
+    assert shuffled and counts["shuffle_draws_exhausted"] == len(shuffled)
+    assert all(e[0][1:-1] == [5, 6, 5] for e in shuffled)
 
 
 def test_mlm_blocks_and_truncation():
@@ -264,7 +329,7 @@ def test_jsonl_ranges_read_every_line_once(tmp_path):
     units = plan_units(config).units
     assert len(units) > 5 and all(u.kind == JSONL for u in units)
     texts, skipped = [], []
-    for u in units:
+    for u in sorted(units, key=lambda u: u.start):  # the plan's order is a seeded permutation
         d = read_unit(u, config)
         texts += d.texts
         skipped += d.skipped
@@ -284,6 +349,73 @@ def test_parquet_input(tmp_path):
     assert docs.texts == ["One. Two.", "Three."] and [r for _, r in docs.skipped] == [EMPTY]
     with pytest.raises(InputError, match="no column"):
         plan_units(DataConfig(inputs=(str(tmp_path / "d.parquet"),), text_column="body"))
+
+
+def test_parquet_units_are_whole_row_groups(tmp_path):
+    """A unit never holds part of a row group (each would decode the whole group for its
+    slice): small row groups are grouped, a big one is a unit of its own, each read once."""
+    import pyarrow.parquet as pq
+
+    texts = [f"Document {i} says something. " * (1 + i % 5) for i in range(400)]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "d.parquet", row_group_size=50)  # 8 row groups
+    meta = pq.ParquetFile(tmp_path / "d.parquet").metadata
+    group_bytes = meta.row_group(0).total_byte_size
+    for shard_bytes, units_expected in ((group_bytes // 10, 8), (int(group_bytes * 2.5), 3)):
+        config = DataConfig(inputs=(str(tmp_path / "d.parquet"),), shard_bytes=shard_bytes)
+        units = sorted(plan_units(config).units, key=lambda u: u.start)
+        assert len(units) == units_expected
+        assert [(u.start, u.end) for u in units][0][0] == 0 and units[-1].end == 8
+        assert all(a.end == b.start for a, b in zip(units, units[1:]))  # whole groups, each in one unit
+        decoded = []
+        real = pq.ParquetFile.read_row_group
+
+        def spy(self, i, *args, **kwargs):
+            decoded.append(i)
+            return real(self, i, *args, **kwargs)
+
+        pq.ParquetFile.read_row_group = spy
+        try:
+            got = [t for u in units for t in read_unit(u, config).texts]
+        finally:
+            pq.ParquetFile.read_row_group = real
+        assert got == texts and sorted(decoded) == list(range(8))  # every row group decoded once
+
+
+def folders_corpus(root: Path, folders=("business", "entertainment", "politics", "sport", "tech"), per=40) -> Path:
+    """Real BBC articles in folders named as BBC's topics (the old plan sorted them by path)."""
+    for topic in folders:
+        source = sorted((bbc_root() / ("sports" if topic == "sport" else topic)).glob("*.txt"))[:per]
+        for f in source:
+            write(root / topic, f.name, f.read_bytes())
+    return root
+
+
+def test_units_sample_every_folder(tmp_path):
+    """The first and the last unit hold documents of every folder (not business first and
+    tech last, as a plan in path order made them); the plan is a function of the seed."""
+    root = folders_corpus(tmp_path / "in", per=60)
+    config = DataConfig(inputs=(str(root),), shard_bytes=40 * 1024, seed=3)
+    units = plan_units(config).units
+    assert len(units) >= 4 and [u.index for u in units] == list(range(len(units)))
+    for u in (units[0], units[-1]):
+        assert {d.split("/")[1] for d in u.doc_ids} == {"business", "entertainment", "politics", "sport", "tech"}
+    assert plan_units(config).units == units
+    assert plan_units(DataConfig(inputs=(str(root),), shard_bytes=40 * 1024, seed=4)).units != units
+    listed = sorted(f"in0/{p.relative_to(root)}" for p in root.rglob("*.txt"))
+    assert sorted(d for u in units for d in u.doc_ids) == listed
+
+
+def test_dynamic_masking_settings_are_not_in_the_cache_key():
+    from pipelines.data.pairs import cache_key
+
+    dynamic = [DataConfig(masking="dynamic", **kw) for kw in
+               ({}, {"mask_prob": 0.3}, {"max_predictions_per_seq": 5}, {"whole_word_masking": True})]
+    assert len({cache_key(c, "fp") for c in dynamic}) == 1
+    static = [DataConfig(masking="static", **kw) for kw in
+              ({}, {"mask_prob": 0.3}, {"max_predictions_per_seq": 5}, {"whole_word_masking": True})]
+    assert len({cache_key(c, "fp") for c in static}) == 4
+    assert cache_key(dynamic[0], "fp") not in {cache_key(c, "fp") for c in static}
+    assert cache_key(DataConfig(seed=1), "fp") != cache_key(DataConfig(seed=2), "fp")
 
 
 def test_stages_chain_to_a_shard_without_ray(tmp_path):
@@ -348,3 +480,34 @@ def test_whole_word_masking_masks_all_pieces_of_a_word():
     chosen = out["mlm_labels"][:, 1:61] != -100  # the 60 word pieces of each row
     assert chosen.any()
     assert torch.equal(chosen[:, 0::2], chosen[:, 1::2])  # a word's two pieces share their fate
+
+
+def test_staging_publishes_whole_or_nothing(tmp_path):
+    """pipelines.storage: a stage's temp folder becomes the output only when published (an old
+    output is replaced); an error, or leaving without publishing, removes it."""
+    import os
+
+    from pipelines import storage
+
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with storage.Staging(str(out), log=lambda *_: None) as st:
+            (Path(st.tmp) / "part-0.parquet").write_bytes(b"x")
+            raise RuntimeError("killed")
+    assert not out.exists() and not list(tmp_path.iterdir())
+    for body in (b"first", b"second"):
+        with storage.Staging(str(out), log=lambda *_: None) as st:
+            st.write_folder(lambda folder: Path(folder, "vocab.txt").write_bytes(body))
+            assert json.loads(Path(st.tmp, storage.OWNER_FILE).read_text())["pid"] == os.getpid()
+            st.publish("manifest.json", b"{}")
+        assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "vocab.txt"]
+        assert (out / "vocab.txt").read_bytes() == body
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    storage.write_atomic(str(out / "manifest.json"), b'{"a": 1}')
+    assert storage.read_bytes(str(out / "manifest.json")) == b'{"a": 1}' and storage.read_bytes(str(out / "x")) is None
+    live = tmp_path / "out.tmp-live"  # a run still going (this process): left alone
+    live.mkdir()
+    (live / storage.OWNER_FILE).write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": os.getpid()}))
+    assert storage.remove_killed_runs(str(out), log=lambda *_: None) == [] and live.exists()
+    assert storage.join_path("s3://b/k?scheme=http", "m.json") == "s3://b/k/m.json?scheme=http"
+    assert storage.to_uri("gs://b/x?q=1", "b/y") == "gs://b/y?q=1" and storage.to_uri("/a", "/b") == "/b"

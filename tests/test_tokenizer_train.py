@@ -130,3 +130,48 @@ def test_merges_ties_and_limits():
     # a ##a ##a ##a: ##a+##a is merged left to right (a ##aa ##a), then a+##aa, then aaa+##a
     assert learn({"aaaa": 5, "ba": 1}, vocab_size=100, min_frequency=1)[len(SPECIAL_TOKENS) + 4:] == [
         "##aa", "aaa", "aaaa", "ba"]
+
+
+def test_vocabulary_never_exceeds_vocab_size_with_many_rare_characters(texts):
+    """3,000 CJK characters seen once and 200 rare letters inside words: the old trainer gave
+    every character two entries (3,909 tokens for a 1,000 asked). Now the most frequent
+    characters that fit are kept and the rare ones encode as [UNK]."""
+    cjk = "".join(chr(0x4E00 + i) for i in range(3000))
+    rare = [chr(0x0400 + i) for i in range(0x60)] + [chr(0x1E00 + i) for i in range(104)]  # Cyrillic, Latin Ext.
+    mixed = [*texts[:60], *(cjk[i:i + 30] for i in range(0, 3000, 30)),
+             *(f"ab{ch}cd and x{ch}" for ch in rare), "北京 北京 北京 北京 北京 北京 北京 北京 北京"]
+    toks = [train_wordpiece(iter(order), vocab_size=1000) for order in (mixed, mixed[::-1])]
+    assert tokenizer_hash(toks[0]) == tokenizer_hash(toks[1])  # deterministic, whatever the text order
+    tok = toks[0]
+    vocab = tok.get_vocab()
+    assert tok.get_vocab_size() == len(vocab) <= 1000
+    assert [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])[:5]] == list(SPECIAL_TOKENS)
+    assert all(ch in vocab and "##" + ch in vocab for ch in "abcdefghijklmnopqrstuvwxyz0123456789")
+    assert "北" in vocab and "京" in vocab and "##北" not in vocab  # frequent CJK: a word of its own
+    unk = SpecialIds.of(tok).unk
+    assert tok.encode(chr(0x4E00 + 2999), add_special_tokens=False).ids == [unk]
+    assert tok.encode("the economy", add_special_tokens=False).ids.count(unk) == 0
+
+
+def test_alphabet_limit_and_merge_caps():
+    from pipelines.data.tokenizer import limit_alphabet, merge_word_counts
+
+    # by frequency (ties: smaller code point); a CJK character costs one entry, others two
+    assert limit_alphabet({"ab": 3, "北": 5, "c": 1}, 4) == ["a", "北", "##a"]
+    assert limit_alphabet({"ab": 3, "北": 5, "c": 1}, 6) == ["a", "b", "北", "##a", "##b"]
+    assert limit_alphabet({"ab": 3, "北": 5, "c": 1}, 7) == ["a", "b", "c", "北", "##a", "##b", "##c"]
+    # words holding a character left out take no part in the merges
+    # ("xab" would make "##ab" the first merge; x does not fit, so "xab" counts for nothing)
+    assert learn_wordpiece_vocab({"ab": 2, "xab": 5}, vocab_size=len(SPECIAL_TOKENS) + 5)[len(SPECIAL_TOKENS):] == [
+        "a", "b", "##a", "##b", "ab"]
+
+    import pyarrow as pa
+
+    def part(d):
+        return pa.table({"word": list(d), "count": list(d.values())})
+
+    parts = [part({"a": 1, "b": 2}), part({"a": 3, "c": 1}), part({"d": 1, "b": 1})]
+    assert merge_word_counts(parts, 10) == {"a": 4, "b": 3, "c": 1, "d": 1}
+    assert merge_word_counts(parts, 2) == {"a": 4, "b": 3}  # the most frequent kept
+    assert merge_word_counts([part({"z": 1, "y": 1, "x": 1})], 2) == {"x": 1, "y": 1}  # ties: smaller word
+    assert merge_word_counts([], 5) == {}

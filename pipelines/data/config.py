@@ -22,6 +22,10 @@ BUNDLED = ("bbc", "20ng")
 # Fields that change where or how fast a run goes, never what it writes: left out of the
 # config hash, so a rerun with more workers or another output folder is still a cache hit.
 _NOT_HASHED = ("output", "num_workers", "num_blocks", "cache_dir")
+# With dynamic masking the collator draws the masks at training time (reading these from the
+# manifest): they change no shard, so they stay out of the hash (no re-tokenizing for a new
+# mask_prob). With static masking the shards hold the masks: hashed.
+DYNAMIC_MASKING = ("mask_prob", "max_predictions_per_seq", "whole_word_masking")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,6 +42,7 @@ class DataConfig:
     tokenizer: str = "train"  # "train", or a vocab.txt / tokenizer.json / folder holding one
     vocab_size: int = 8192  # when training (30522 for BERT-size)
     min_frequency: int = 2  # when training
+    vocab_max_words: int = 1_000_000  # when training: distinct words kept (most frequent), bounds memory
     lowercase: bool = True  # when training, or loading a bare vocab.txt
     masking: str = "dynamic"  # dynamic: drawn by the collator each epoch; static: written in the shards
     mask_prob: float = 0.15  # share of maskable tokens predicted (80% [MASK], 10% random, 10% kept)
@@ -69,7 +74,7 @@ class DataConfig:
                 raise bad(key, "must be in [0, 1]")
         if not 0.0 < self.mask_prob < 1.0:
             raise bad("mask_prob", "must be in (0, 1)")
-        for key in ("dupe_factor", "vocab_size", "min_frequency", "max_predictions_per_seq",
+        for key in ("dupe_factor", "vocab_size", "min_frequency", "vocab_max_words", "max_predictions_per_seq",
                     "max_document_bytes", "shard_bytes", "replicate"):
             if getattr(self, key) < 1:
                 raise bad(key, "must be a positive integer")
@@ -102,8 +107,10 @@ class DataConfig:
         return d
 
     def config_hash(self) -> str:
-        """sha256 of the fields that decide the output (not where it goes, nor worker counts)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in _NOT_HASHED}
+        """sha256 of the fields that decide the output (not where it goes, nor worker counts,
+        nor the masking settings of dynamic masking)."""
+        skip = _NOT_HASHED + (DYNAMIC_MASKING if self.masking == "dynamic" else ())
+        d = {k: v for k, v in self.to_dict().items() if k not in skip}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
     @property

@@ -6,9 +6,11 @@ each), .jsonl (a `text` field per line) and .parquet (a `text` column), or folde
 
 `plan_units` lists them on the driver (metadata only, so a missing path fails before any
 Ray work) and cuts them into work units of about `shard_bytes` of input: a group of .txt
-files, a byte range of a JSONL file (a line belongs to the range it starts in), or a row
-slice of a Parquet row group. A unit depends only on the sorted listing and the config,
-never on Ray's blocks, so each unit becomes one output shard, the same on every run.
+files (drawn in a seeded random order), a byte range of a JSONL file (a line belongs to the
+range it starts in), or a run of whole Parquet row groups; the unit list is then permuted
+(seeded), so every shard samples the whole corpus. A unit depends only on the sorted
+listing and the config, never on Ray's blocks, so each unit becomes one output shard, the
+same on every run.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import io
 import json
 import os
 import pickle
+import random
 import re
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -29,6 +32,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from ..storage import filesystem, join_path, split_query, to_uri  # noqa: F401 (re-exported for pretrain.py)
 from .config import DataConfig
 from .text import EMPTY, TOO_LARGE, UNREADABLE, decode_document
 
@@ -52,9 +56,8 @@ class Unit:
     paths: list[str]  # full paths / URIs (txt: several; others: one)
     doc_ids: list[str]  # txt: one id per path; others: [prefix] for ids built while reading
     sizes: list[int] = field(default_factory=list)  # txt: file sizes (too_large is checked first)
-    start: int = 0  # jsonl: byte range [start, end); parquet: rows [start, end) of row_group
+    start: int = 0  # jsonl: byte range [start, end); parquet: row groups [start, end)
     end: int = 0
-    row_group: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -137,39 +140,6 @@ def newsgroups_parquet(cache_dir: str = "") -> Path:
 # ---------------------------------------------------------------- listing and planning
 
 
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
-# A URI's query holds pyarrow filesystem options, e.g. an S3-compatible server (MinIO):
-# s3://bucket/key?endpoint_override=host:9000&scheme=http (pyarrow ignores AWS_ENDPOINT_URL).
-# Every URI derived from a user's URI keeps that query at its end.
-
-
-def split_query(path: str) -> tuple[str, str]:
-    """("s3://bucket/key", "?endpoint_override=...") of a URI; (path, "") of a local path."""
-    if "://" in path and "?" in path:
-        head, _, query = path.partition("?")
-        return head, "?" + query
-    return path, ""
-
-
-def join_path(base: str, *parts: str) -> str:
-    """`base`/part/...: a local path, or a URI (its query stays at the end)."""
-    head, query = split_query(base)
-    return "/".join([head.rstrip("/"), *parts]) + query
-
-
-def to_uri(like: str, path: str) -> str:
-    """A path of `_filesystem(like)`'s filesystem as a URI with `like`'s scheme and query
-    (a local `like`: the path itself)."""
-    if "://" not in like:
-        return path
-    return f"{like.split('://', 1)[0]}://{path}{split_query(like)[1]}"
-
-
 def _resolve(name: str, cache_dir: str) -> tuple[str, bool]:
     """(path or URI, bundled?) of one `inputs` entry."""
     if name == "bbc":
@@ -182,7 +152,7 @@ def _resolve(name: str, cache_dir: str) -> tuple[str, bool]:
 def _list(name: str, cache_dir: str) -> tuple[pafs.FileSystem, list[pafs.FileInfo], str, bool, list]:
     path, bundled = _resolve(name, cache_dir)
     try:
-        fs, root = _filesystem(path)
+        fs, root = filesystem(path)
         info = fs.get_file_info(root)
     except (OSError, pa.ArrowException) as e:
         raise InputError(f"input {name!r}: cannot open: {e}") from None
@@ -206,8 +176,13 @@ def _uri(name: str, fs: pafs.FileSystem, path: str) -> str:
 
 
 def plan_units(config: DataConfig) -> Plan:
-    """Every input listed and cut into units; raises InputError for a missing / bad input."""
-    units: list[Unit] = []
+    """Every input listed and cut into units; raises InputError for a missing / bad input.
+
+    Data order: the .txt files of an input are grouped into units in a seeded permutation
+    (not by path: BBC's folders are its topics), and the final unit list (every input, every
+    `replicate` copy) is permuted too, so any shard, the first and the last included, holds
+    a sample of the whole corpus. Both permutations depend on `seed` and the listing only,
+    never on workers or blocks."""
     ignored: list[tuple[str, str]] = []
     digest = hashlib.sha256()
     per_copy: list[Unit] = []
@@ -215,16 +190,7 @@ def plan_units(config: DataConfig) -> Plan:
         fs, files, root, bundled, skip = _list(name, config.cache_dir)
         ignored += skip
         label = name if bundled else f"in{i}"
-        txt_group: list[tuple[str, str, int]] = []
-        txt_bytes = 0
-
-        def flush_txt():
-            nonlocal txt_group, txt_bytes
-            if txt_group:
-                per_copy.append(Unit(0, f"{label}:{txt_group[0][1]}", TXT, [g[0] for g in txt_group],
-                                     [g[1] for g in txt_group], [g[2] for g in txt_group]))
-            txt_group, txt_bytes = [], 0
-
+        txt: list[tuple[str, str, int]] = []
         for f in files:
             rel = os.path.relpath(f.path, root)
             doc_id = f"{label}/{rel}"
@@ -233,40 +199,64 @@ def plan_units(config: DataConfig) -> Plan:
             kind = EXTENSIONS[Path(f.path).suffix.lower()]
             uri = _uri(name, fs, f.path)
             if kind == TXT:
-                txt_group.append((uri, doc_id, f.size))
-                txt_bytes += f.size if f.size <= config.max_document_bytes else 0  # too_large: never read
-                if txt_bytes >= config.shard_bytes and len(txt_group) >= MIN_DOCS_PER_UNIT:
-                    flush_txt()
+                txt.append((uri, doc_id, f.size))
             elif kind == JSONL:
                 for start in range(0, max(f.size, 1), config.shard_bytes):
                     per_copy.append(Unit(0, f"{label}:{rel}@{start}", JSONL, [uri], [doc_id],
                                          start=start, end=min(start + config.shard_bytes, f.size)))
             else:
                 per_copy += _parquet_units(fs, f.path, uri, doc_id, f"{label}:{rel}", config)
-        flush_txt()
+        random.Random(f"{config.seed}/files/{label}").shuffle(txt)
+        per_copy += _txt_units(txt, label, config)
+    units = []
     for copy in range(config.replicate):
         for u in per_copy:
             prefix = f"copy{copy}/" if copy else ""
-            units.append(Unit(len(units), f"{copy}:{u.key}", u.kind, u.paths, [prefix + d for d in u.doc_ids],
-                              u.sizes, u.start, u.end, u.row_group))
+            units.append(Unit(0, f"{copy}:{u.key}", u.kind, u.paths, [prefix + d for d in u.doc_ids],
+                              u.sizes, u.start, u.end))
+    random.Random(f"{config.seed}/units").shuffle(units)
+    for index, u in enumerate(units):
+        u.index = index
     digest.update(json.dumps(sorted(ignored)).encode())
     return Plan(units, ignored, digest.hexdigest())
 
 
+def _txt_units(files: list[tuple[str, str, int]], label: str, config: DataConfig) -> list[Unit]:
+    """(uri, doc id, size) of .txt files, in order, cut into units of >= shard_bytes of
+    readable input and >= MIN_DOCS_PER_UNIT documents (the last one may hold fewer)."""
+    out: list[Unit] = []
+    group: list[tuple[str, str, int]] = []
+    size = 0
+    for f in files:
+        group.append(f)
+        size += f[2] if f[2] <= config.max_document_bytes else 0  # too_large: never read
+        if size >= config.shard_bytes and len(group) >= MIN_DOCS_PER_UNIT:
+            out.append(Unit(0, f"{label}:{group[0][1]}", TXT, [g[0] for g in group], [g[1] for g in group],
+                            [g[2] for g in group]))
+            group, size = [], 0
+    if group:
+        out.append(Unit(0, f"{label}:{group[0][1]}", TXT, [g[0] for g in group], [g[1] for g in group],
+                        [g[2] for g in group]))
+    return out
+
+
 def _parquet_units(fs, path: str, uri: str, doc_id: str, key: str, config: DataConfig) -> list[Unit]:
+    """Runs of whole row groups [start, end) of >= shard_bytes (the last may be smaller).
+
+    Never a part of a row group: Parquet decodes (and decompresses) a row group as a whole,
+    so a unit smaller than its row group would decode all of it for a slice."""
     with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f)
         if config.text_column not in pf.schema_arrow.names:
             raise InputError(f"{uri}: no column {config.text_column!r} (set data.text_column)")
         meta = pf.metadata
     out = []
+    first, size = 0, 0
     for rg in range(meta.num_row_groups):
-        rows = meta.row_group(rg).num_rows
-        per_row = max(1, meta.row_group(rg).total_byte_size // max(rows, 1))
-        step = max(1, config.shard_bytes // per_row)
-        for start in range(0, rows, step):
-            out.append(Unit(0, f"{key}#{rg}:{start}", PARQUET, [uri], [doc_id],
-                            start=start, end=min(start + step, rows), row_group=rg))
+        size += meta.row_group(rg).total_byte_size
+        if size >= config.shard_bytes or rg == meta.num_row_groups - 1:
+            out.append(Unit(0, f"{key}#{first}", PARQUET, [uri], [doc_id], start=first, end=rg + 1))
+            first, size = rg + 1, 0
     return out
 
 
@@ -344,7 +334,7 @@ def read_unit(unit: Unit, config: DataConfig) -> UnitDocuments:
                 out.skipped.append((doc_id, TOO_LARGE))
                 continue
             try:
-                fs, p = _filesystem(path)
+                fs, p = filesystem(path)
                 with fs.open_input_stream(p) as f:
                     raw = f.read()
             except (OSError, pa.ArrowException):
@@ -353,7 +343,7 @@ def read_unit(unit: Unit, config: DataConfig) -> UnitDocuments:
             take(doc_id, raw)
     elif unit.kind == JSONL:
         try:
-            fs, p = _filesystem(unit.paths[0])
+            fs, p = filesystem(unit.paths[0])
             f = fs.open_input_file(p)
         except (OSError, pa.ArrowException):  # gone or unreadable since planning
             out.skipped.append((f"{unit.doc_ids[0]}@{unit.start}-{unit.end}", UNREADABLE))
@@ -377,12 +367,19 @@ def read_unit(unit: Unit, config: DataConfig) -> UnitDocuments:
                 take(doc_id, text)
     else:
         try:
-            fs, p = _filesystem(unit.paths[0])
-            with fs.open_input_file(p) as f:
-                table = pq.ParquetFile(f).read_row_group(unit.row_group, columns=[config.text_column])
+            fs, p = filesystem(unit.paths[0])
+            f = fs.open_input_file(p)
+            pf = pq.ParquetFile(f)
         except (OSError, pa.ArrowException):
-            out.skipped.append((f"{unit.doc_ids[0]}#{unit.row_group}:{unit.start}-{unit.end}", UNREADABLE))
+            out.skipped.append((f"{unit.doc_ids[0]}#{unit.start}-{unit.end}", UNREADABLE))
             return out
-        for row, text in enumerate(table.column(0).slice(unit.start, unit.end - unit.start).to_pylist()):
-            take(f"{unit.doc_ids[0]}#{unit.row_group}:{unit.start + row}", text)
+        with f:
+            for rg in range(unit.start, unit.end):  # each row group decoded once, by this unit only
+                try:
+                    texts = pf.read_row_group(rg, columns=[config.text_column]).column(0).to_pylist()
+                except (OSError, pa.ArrowException):
+                    out.skipped.append((f"{unit.doc_ids[0]}#{rg}", UNREADABLE))
+                    continue
+                for row, text in enumerate(texts):
+                    take(f"{unit.doc_ids[0]}#{rg}:{row}", text)
     return out

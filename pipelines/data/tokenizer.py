@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+import pyarrow as pa
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -69,6 +70,14 @@ def _with_post_processor(tok: Tokenizer) -> Tokenizer:
 
 
 _COUNT_BATCH_CHARS = 1 << 14  # texts are normalized ~16 KB at a time (fastest measured)
+_WORD_COUNTERS: dict[bool, Tokenizer] = {}
+
+
+def word_counter(lowercase: bool = True) -> Tokenizer:
+    """The BERT normalizer + pre-tokenizer `count_words` runs (one per process and casing)."""
+    if lowercase not in _WORD_COUNTERS:
+        _WORD_COUNTERS[lowercase] = _bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]")), lowercase)
+    return _WORD_COUNTERS[lowercase]
 
 
 def count_words(texts: Iterable[str], tok: Tokenizer) -> Counter:
@@ -102,6 +111,67 @@ def count_words(texts: Iterable[str], tok: Tokenizer) -> Counter:
     return counts
 
 
+def _top_words(table: pa.Table, max_words: int) -> pa.Table:
+    """Sum the counts of equal words; keep the `max_words` most frequent (ties: smaller word)."""
+    table = table.group_by("word").aggregate([("count", "sum")]).rename_columns(["word", "count"])
+    if table.num_rows > max_words:
+        table = table.sort_by([("count", "descending"), ("word", "ascending")]).slice(0, max_words)
+    return table
+
+
+def merge_word_counts(parts: Iterable[pa.Table], max_words: int) -> dict[str, int]:
+    """Word counts (tables of `word`, `count`) summed, at most `max_words` distinct words kept.
+
+    Memory stays bounded by ~2 x max_words words plus one part: parts are summed in batches,
+    and whenever more than `max_words` distinct words are held only the most frequent are
+    kept (ties broken by the word). A pruned word that comes back later restarts from 0, so
+    past the cap the counts of rare words are approximate; the result is a function of the
+    parts and their order only. Returned sorted by word."""
+    held = _COUNTS_SCHEMA.empty_table()
+    pending: list[pa.Table] = []
+    rows = 0
+    for part in parts:
+        pending.append(part.select(["word", "count"]).cast(_COUNTS_SCHEMA))
+        rows += part.num_rows
+        if rows > max_words:
+            held = _top_words(pa.concat_tables([held, *pending]), max_words)
+            pending, rows = [], 0
+    held = _top_words(pa.concat_tables([held, *pending]), max_words).sort_by("word")
+    return dict(zip(held.column("word").to_pylist(), held.column("count").to_pylist()))
+
+
+_COUNTS_SCHEMA = pa.schema([("word", pa.string()), ("count", pa.int64())])
+
+
+def _is_cjk(ch: str) -> bool:
+    """BERT's "Chinese character" ranges: the normalizer puts spaces around each of them, so
+    one is always a word of its own, never inside a word (no "##" piece needed)."""
+    cp = ord(ch)
+    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF or 0x2A700 <= cp <= 0x2B73F
+            or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF or 0xF900 <= cp <= 0xFAFF
+            or 0x2F800 <= cp <= 0x2FA1F)
+
+
+def limit_alphabet(word_counts: dict[str, int], budget: int, prefix: str = "##") -> list[str]:
+    """The initial tokens: the most frequent characters (ties: smaller code point) with their
+    "##" pieces, at most `budget` tokens. A character costs two tokens (itself and its "##"
+    piece), a CJK one only itself. One that does not fit is left out (it encodes as [UNK]),
+    and a later, cheaper one may still fit."""
+    freq: Counter = Counter()
+    for w, c in word_counts.items():
+        for ch in w:
+            freq[ch] += c
+    chars, pieces = [], []
+    for ch in sorted(freq, key=lambda ch: (-freq[ch], ch)):
+        cost = 1 if _is_cjk(ch) else 2
+        if cost <= budget:
+            budget -= cost
+            chars.append(ch)
+            if cost == 2:
+                pieces.append(prefix + ch)
+    return sorted(chars) + sorted(pieces)
+
+
 def learn_wordpiece_vocab(word_counts: dict[str, int], *, vocab_size: int, min_frequency: int = 2,
                           special_tokens: Iterable[str] = SPECIAL_TOKENS, prefix: str = "##") -> list[str]:
     """The tokens of a WordPiece vocabulary learned by BPE merges, in the order they were added.
@@ -118,19 +188,25 @@ def learn_wordpiece_vocab(word_counts: dict[str, int], *, vocab_size: int, min_f
       tokens in the order they are made), so the same rule gives the same vocabulary every time.
     - Every character gets a "##" piece, not just those seen inside a word (as in Google's BERT
       vocabularies): a word that has one in the middle later still encodes without [UNK].
+      CJK characters excepted: the normalizer makes each one a word of its own.
+    - The vocabulary never exceeds `vocab_size`: the alphabet is cut to the most frequent
+      characters that fit (`limit_alphabet`); the rest encode as [UNK], and words holding
+      them take no part in the merges (WordPiece encodes such a word as [UNK] whole).
 
     Pair counts are kept incrementally (only the words holding the merged pair are touched) with
     a max-heap of (count, pair) entries checked lazily: an existing pair's count can only drop,
     so a stale entry is re-queued with its current count when it reaches the top."""
-    alphabet = sorted({ch for w in word_counts for ch in w})
-    tokens = list(dict.fromkeys([*special_tokens, *alphabet, *(prefix + ch for ch in alphabet)]))
+    special_tokens = list(dict.fromkeys(special_tokens))
+    alphabet = limit_alphabet(word_counts, max(0, vocab_size - len(special_tokens)), prefix)
+    tokens = list(dict.fromkeys([*special_tokens, *alphabet]))
     ids = {t: i for i, t in enumerate(tokens)}
     words: list[list[int]] = []
     counts: list[int] = []
     for w, c in word_counts.items():
-        if not w:
+        word = [ids.get(w[:1]), *(ids.get(prefix + ch) for ch in w[1:])] if w else [None]
+        if None in word:  # empty, or holds a character left out of the alphabet
             continue
-        words.append([ids[w[0]], *(ids[prefix + ch] for ch in w[1:])])
+        words.append(word)
         counts.append(c)
     pair_counts: dict[tuple[int, int], int] = {}
     where: dict[tuple[int, int], set[int]] = {}  # pair -> the words that held it (some no longer do)
@@ -199,9 +275,16 @@ def train_wordpiece(texts: Iterable[str], *, vocab_size: int, min_frequency: int
                     lowercase: bool = True) -> Tokenizer:
     """A BERT WordPiece vocabulary learned from `texts`: the same stream gives the same
     vocabulary (tokens and ids) in every process (`learn_wordpiece_vocab`)."""
-    counter = _bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]")), lowercase)
-    learned = learn_wordpiece_vocab(count_words(texts, counter), vocab_size=vocab_size,
-                                    min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS)
+    return wordpiece_from_counts(count_words(texts, word_counter(lowercase)), vocab_size=vocab_size,
+                                 min_frequency=min_frequency, lowercase=lowercase)
+
+
+def wordpiece_from_counts(word_counts: dict[str, int], *, vocab_size: int, min_frequency: int = 2,
+                          lowercase: bool = True) -> Tokenizer:
+    """The BERT WordPiece tokenizer learned from word counts (see `train_wordpiece`)."""
+    word_counts = dict(sorted(word_counts.items()))  # the input's order never matters
+    learned = learn_wordpiece_vocab(word_counts, vocab_size=vocab_size, min_frequency=min_frequency,
+                                    special_tokens=SPECIAL_TOKENS)
     # Canonical ids: special tokens first, then whole-word pieces, then "##" pieces, each sorted.
     learned = sorted((t for t in learned if t not in SPECIAL_TOKENS), key=lambda t: (t.startswith("##"), t))
     vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS, *learned])}
