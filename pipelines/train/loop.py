@@ -90,7 +90,13 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     if run.get("sync_dir") and rank == 0:  # remote storage: rank 0 stages its files on its own node
+        from ..storage import join_path, read_bytes
+
         run = {**run, "metrics_dir": tempfile.mkdtemp(prefix="cloze-metrics-")}
+        for name in ("metrics.csv", "eval.csv"):  # a restarted worker continues the files it had synced
+            body = read_bytes(join_path(run["sync_dir"], name))
+            if body is not None:
+                (Path(run["metrics_dir"]) / name).write_bytes(body)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = task.build_model()
