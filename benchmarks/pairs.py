@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process, in both variants
 # Ray starts its workers at nice 15 (RAY_worker_niceness) while the reference runs in this
 # nice-0 process: on a machine shared with other work that alone decides the race. Same
 # priority for both, so the comparison measures the pipeline, not the scheduler.
@@ -47,10 +46,13 @@ def minilm_vocab() -> str:
 
 
 class PeakMemory:
-    """Peak of the summed PSS of this process and all its descendants (Ray's included)."""
+    """Peak of `measure()` (default: the summed PSS of this process and all its descendants,
+    Ray's included) over a `with` block, sampled every `interval` seconds; `start` is the
+    value when the block began."""
 
-    def __init__(self, interval: float = 0.5):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+    def __init__(self, interval: float = 0.5, measure=None):
+        self.interval, self.peak, self.start, self._stop = interval, 0, 0, threading.Event()
+        self.measure = measure or self.sample
 
     def sample(self) -> int:
         total = 0
@@ -64,10 +66,11 @@ class PeakMemory:
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.sample())
+            self.peak = max(self.peak, self.measure())
             self._stop.wait(self.interval)
 
     def __enter__(self):
+        self.start = self.peak = self.measure()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -75,6 +78,7 @@ class PeakMemory:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+        self.peak = max(self.peak, self.measure())
 
 
 def cpu_seconds() -> dict[int, float]:
@@ -186,6 +190,7 @@ def main() -> None:
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-loader", action="store_true")
     args = ap.parse_args()
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process, in both variants
     import ray
 
     t = time.perf_counter()
