@@ -198,7 +198,6 @@ def test_a_killed_data_run_is_cleaned_up_and_rerun(ray_cluster, corpus, tmp_path
     """SIGKILL the whole `cloze data` process group (driver + its Ray) mid-run: nothing looks
     finished, and the next run removes the leftovers and completes."""
     import os
-    import signal
     import subprocess
     import sys
     import time
@@ -217,17 +216,9 @@ def test_a_killed_data_run_is_cleaned_up_and_rerun(ray_cluster, corpus, tmp_path
             time.sleep(0.05)
         assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
     finally:  # the driver and every process it started (Ray's own, whatever their session)
-        import psutil
+        from faults import kill_tree
 
-        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        os.killpg(proc.pid, signal.SIGKILL)
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=30)
-        proc.wait(30)
+        kill_tree(proc)
     leftovers = list(tmp_path.glob("killed.tmp-*"))
     assert not out.exists() and len(leftovers) == 1 and not (leftovers[0] / "manifest.json").exists()
 
