@@ -41,9 +41,10 @@ def _hash(*parts: Any) -> str:
 
 @dataclass(frozen=True)
 class RunPlan:
-    data: Any  # pipelines.data.config.DataConfig
-    pretrain: Any  # pipelines.pretrain.PretrainConfig (data / tokenizer / vocab filled by the DAG)
+    data: Any  # pipelines.data.config.DataConfig, its output keyed by the stage's hash
+    pretrain: Any  # pipelines.pretrain.PretrainConfig (data wired to the data stage's output)
     raw: dict
+    force: bool = False  # redo the pretrain stage even if its folder is finished
 
 
 def plan_run(config_path: str | os.PathLike | None, overrides: Mapping[str, Any] | None = None,

@@ -21,9 +21,9 @@ BUNDLED = ("bbc", "20ng")
 
 # Fields that change where or how fast a run goes, never what it writes: left out of the
 # config hash, so a rerun with more workers or another output folder is still a cache hit.
-_NOT_HASHED = ("output", "num_workers", "num_blocks", "cache_dir")
-# With dynamic masking the collator draws the masks at training time (reading these from the
-# manifest): they change no shard, so they stay out of the hash (no re-tokenizing for a new
+_NOT_HASHED = ("output", "num_workers", "num_blocks", "cache_dir", "shared_filesystem")
+# With dynamic masking the training loader draws the masks (with [pretrain]'s settings):
+# these change no shard, so they stay out of the hash (no re-tokenizing for a new
 # mask_prob). With static masking the shards hold the masks: hashed.
 DYNAMIC_MASKING = ("mask_prob", "max_predictions_per_seq", "whole_word_masking")
 
@@ -44,10 +44,10 @@ class DataConfig:
     min_frequency: int = 2  # when training
     vocab_max_words: int = 1_000_000  # when training: distinct words kept (most frequent), bounds memory
     lowercase: bool = True  # when training, or loading a bare vocab.txt
-    masking: str = "dynamic"  # dynamic: drawn by the collator each epoch; static: written in the shards
-    mask_prob: float = 0.15  # share of maskable tokens predicted (80% [MASK], 10% random, 10% kept)
-    max_predictions_per_seq: int = 20  # cap on masked positions per example
-    whole_word_masking: bool = False  # mask every piece of a chosen word together
+    masking: str = "dynamic"  # dynamic: drawn per batch in training ([pretrain] mask_prob ...); static: written in the shards
+    mask_prob: float = 0.15  # static masking: share of maskable tokens predicted (80% [MASK], 10% random, 10% kept)
+    max_predictions_per_seq: int = 20  # static masking: cap on masked positions per example
+    whole_word_masking: bool = False  # static masking: mask every piece of a chosen word together
     text_column: str = "text"  # JSONL field / Parquet column holding a document
     encoding_fallback: str = "cp1252"  # for files that are not UTF-8; "" skips them instead
     max_document_bytes: int = 8 * 1024 * 1024  # larger documents are skipped (too_large), not read
@@ -56,6 +56,7 @@ class DataConfig:
     num_workers: int = 0  # Ray tasks at once; 0 = the cluster's CPUs
     num_blocks: int = 0  # Ray tasks the units are cut into; 0 = auto (~8 units a task, >= 2 tasks a worker). Output never depends on it
     cache_dir: str = ""  # where bundled corpora are unpacked; "" = ~/.cache/cloze
+    shared_filesystem: bool = False  # a local `output` every node mounts (NFS, ...): allowed on a multi-node cluster
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ConfigError:

@@ -11,8 +11,8 @@ import json
 from collections import Counter
 from typing import Any
 
-from ..storage import join_path, read_bytes, write_atomic
-from .config import DYNAMIC_MASKING, DataConfig
+from ..storage import join_path, read_bytes
+from .config import DataConfig
 from .units import HIST_BIN
 
 FORMAT_VERSION = 2  # bump when the algorithm or the shard layout changes: invalidates caches
@@ -104,17 +104,3 @@ def read_manifest(folder: str) -> dict | None:
 
 def manifest_bytes(manifest: dict) -> bytes:
     return (json.dumps(manifest, indent=2) + "\n").encode()
-
-
-def update_dynamic_masking(folder: str, manifest: dict, config: DataConfig) -> dict:
-    """A cache hit whose dynamic-masking settings changed (they are not in the cache key: the
-    collator draws masks at training time, the shards do not change): the manifest, which
-    the collator reads them from, gets the new ones, in one atomic write. Returns it."""
-    old = manifest.get("config", {})
-    new = config.to_dict()
-    if config.masking != "dynamic" or all(old.get(k) == new[k] for k in DYNAMIC_MASKING):
-        return manifest
-    manifest = {**manifest, "config": {**old, **{k: new[k] for k in DYNAMIC_MASKING}},
-                "config_hash": config.config_hash()}
-    write_atomic(join_path(folder, "manifest.json"), manifest_bytes(manifest))
-    return manifest

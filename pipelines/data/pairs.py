@@ -18,10 +18,10 @@ import json
 import time
 
 from .. import storage
+from ..config import ConfigError
 from .config import DataConfig
 from .corpus import plan_units
-from .manifest import (FORMAT_VERSION, build_manifest, manifest_bytes, merge_stats, read_manifest,  # noqa: F401
-                       update_dynamic_masking)
+from .manifest import FORMAT_VERSION, build_manifest, manifest_bytes, merge_stats, read_manifest  # noqa: F401
 from .tokenizer import SpecialIds, continuation_table, is_lowercase, load_tokenizer, save_tokenizer, tokenizer_hash
 from .units import BuildExamples, PairShardWriter, ReadDocuments, SplitSentences, TokenizeSentences
 from .vocab import stage_tokenizer
@@ -54,8 +54,8 @@ def build_sentence_pairs(config: DataConfig, *, log=print) -> dict:
     """Run the stage: `config.output` gets Parquet shards, the tokenizer and manifest.json.
 
     Inputs are listed (and a missing one raises InputError) before any Ray work. If the
-    output already holds a manifest with the same cache key, nothing runs (cache hit; new
-    dynamic-masking settings are written into its manifest). Shards are written into
+    output already holds a manifest with the same cache key, nothing runs and nothing in the
+    finished folder is touched (cache hit). Shards are written into
     `<output>.tmp-<id>`, which takes the output's name only when complete, so a killed run
     never leaves a folder that looks finished. Returns the manifest.
     """
@@ -67,9 +67,14 @@ def build_sentence_pairs(config: DataConfig, *, log=print) -> dict:
     previous = read_manifest(config.output)
     if previous and previous.get("cache_key") == key:
         log(f"cloze data: cache hit, {config.output} is up to date ({key[:12]})")
-        return update_dynamic_masking(config.output, previous, config)
+        return previous
     if not ray.is_initialized():
         ray.init(num_cpus=config.num_workers or None, include_dashboard=False, log_to_driver=False)
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes > 1 and not storage.is_uri(config.output) and not config.shared_filesystem:
+        # each node's tasks would write their shards to their own disk
+        raise ConfigError(f"data.output {config.output!r} is a local path but the cluster has {nodes} nodes: give a "
+                          f"URI (s3://, gs://) or set data.shared_filesystem = true for a path every node mounts")
     # an upper bound: Ray runs as many of these tasks as there are free CPUs at each moment
     workers = config.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     blocks = config.num_blocks or default_blocks(len(plan.units), workers)
