@@ -150,26 +150,31 @@ def memory(corpus: str, work: Path) -> list[str]:
 
 
 def loader(work: Path, steps: int = 6) -> list[str]:
+    """The training loader (one rank of one: shard reads, shuffle window, collate + dynamic
+    masks in its prefetch thread) alone vs the training step it feeds."""
     import torch
 
-    import encoder as E
-    from pipelines.data.collate import PretrainCollator, iter_pretraining_batches, load_pretraining_dataset
+    from pipelines.pretrain import PretrainConfig, resolve
 
     out = work / "loader"
     m = build_sentence_pairs(DataConfig(inputs=("bbc",), tokenizer=minilm_vocab(), output=str(out)),
                              log=lambda *_: None)
-    collator = PretrainCollator.from_folder(out, seed=0)
-    ds = load_pretraining_dataset(str(out))
+    cfg = PretrainConfig.from_dict({"data": str(out), "model": {"preset": "small"}, "batch_size_per_worker": 32,
+                                    "num_workers": 1, "objectives": {"mlm": 1.0, "nsp": 1.0}, "shuffle_buffer": 256})
+    task = resolve(cfg)
+    per_epoch = task.reader(0, 1).batches_per_epoch
+    it = task.batches(0, 1, 0, 0)
     t = time.perf_counter()
-    n = sum(1 for _ in iter_pretraining_batches(ds.iterator(), collator, batch_size=32))
-    loader_rate = n / (time.perf_counter() - t)
-    cfg = E.EncoderConfig.from_name("small", vocab_size=m["tokenizer"]["vocab_size"])
-    model = E.MultiObjective(E.Encoder(cfg), {"mlm": 1.0, "nsp": 1.0}).train()
+    for _ in range(per_epoch):
+        next(it)
+    loader_rate = per_epoch / (time.perf_counter() - t)
+    torch.manual_seed(0)
+    model = task.build_model().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batches = iter(iter_pretraining_batches(ds.iterator(), collator, batch_size=32))
+    batches = task.batches(0, 1, 0, 0)
     times = []
     for i in range(steps + 1):
-        b = next(batches)
+        b = next(batches)[2]
         t = time.perf_counter()
         model(b).loss.backward()
         opt.step()
@@ -178,7 +183,8 @@ def loader(work: Path, steps: int = 6) -> list[str]:
             times.append(time.perf_counter() - t)
     step_rate = len(times) / sum(times)
     shutil.rmtree(out)
-    return [f"loader alone (BBC NSP shards, batch 32, local shuffle 256): {loader_rate:.1f} batches/s over {n} batches",
+    return [f"loader alone (BBC NSP shards, {m['examples']['nsp']} examples, batch 32, shuffle window 256): "
+            f"{loader_rate:.1f} batches/s over {per_epoch} batches",
             f"training, `small` encoder MLM+NSP, batch 32: {step_rate:.2f} steps/s ({torch.get_num_threads()} threads)",
             f"loader / training: {loader_rate / step_rate:.0f}x"]
 

@@ -15,7 +15,7 @@ from ..storage import join_path, read_bytes
 from .config import DataConfig
 from .units import HIST_BIN
 
-FORMAT_VERSION = 2  # bump when the algorithm or the shard layout changes: invalidates caches
+FORMAT_VERSION = 3  # bump when the algorithm or the shard layout changes: invalidates caches
 MAX_LISTED = 200  # skipped / repaired documents named per reason in the manifest
 
 

@@ -34,6 +34,9 @@ from .corpus import Unit, read_unit
 from .text import NO_TEXT, document_sentences, normalize_text
 from .tokenizer import SpecialIds, count_words, word_counter
 
+# rows per Parquet row group of a shard: the unit a training rank reads, so a rank's share of
+# the rows costs its share of the bytes (+ at most a group at each end)
+SHARD_ROW_GROUP = 1024
 HIST_BIN = 16  # width of the manifest's length-histogram bins, in tokens
 
 
@@ -274,7 +277,8 @@ class PairShardWriter:
             stats["shards"] = []
             if table.num_rows:
                 name = f"part-{_one(batch, 'index', r):05d}.parquet"
-                pq.write_table(table, f"{root}/{name}", filesystem=fs, compression="zstd")
+                pq.write_table(table, f"{root}/{name}", filesystem=fs, compression="zstd",
+                               row_group_size=SHARD_ROW_GROUP)
                 stats["shards"] = [{"file": name, "rows": table.num_rows}]
             out.append({"index": _one(batch, "index", r), "stats": json.dumps(stats)})
         return pa.Table.from_pylist(out, schema=pa.schema([("index", pa.int64()), ("stats", pa.string())]))
