@@ -125,3 +125,19 @@ def test_collated_batches_follow_the_position(tmp_path):
     other = next(iter(task.batches(0, 2, 0, 4)))[2]
     assert not torch.equal(other["input_ids"], b[2]["input_ids"])
     assert not torch.equal(a[0][2]["mlm_labels"], a[1][2]["mlm_labels"])  # each batch its own masks
+
+
+def test_prefetcher_thread_stops_when_closed_or_dropped():
+    import gc
+    import itertools
+
+    it = Prefetcher(itertools.count(), depth=2)
+    assert next(it) == 0
+    it.close()
+    assert not it.thread.is_alive()
+    dropped = Prefetcher(itertools.count(), depth=2)
+    thread = dropped.thread
+    del dropped
+    gc.collect()
+    thread.join(timeout=5)
+    assert not thread.is_alive()  # a dropped loader does not leave its thread filling a queue forever

@@ -15,6 +15,7 @@ Masks are drawn by the collator with a generator seeded from
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 from dataclasses import dataclass
@@ -179,44 +180,77 @@ def to_model_rows(rows: dict[str, list], max_seq_len: int, token_columns: Sequen
     return out
 
 
-class Prefetcher:
-    """Runs an iterator in a daemon thread, `depth` items ahead; its errors re-raise here."""
+_THREADS: set[tuple[threading.Thread, threading.Event]] = set()
 
-    _END = object()
+
+@atexit.register
+def _stop_all() -> None:
+    """Stop and join every loader thread before the interpreter tears down: a daemon thread
+    still inside a torch op at exit aborts the process (also for a dropped Prefetcher whose
+    thread is finishing its last item)."""
+    for _, stop in list(_THREADS):
+        stop.set()
+    for thread, _ in list(_THREADS):
+        thread.join(timeout=30)
+
+
+_END = object()
+
+
+def _fill(source: Iterator, out: queue.Queue, stop: threading.Event) -> None:
+    """The loader thread: items of `source` into `out` until the end, an error, or `stop`.
+    (A function, not a method: the thread holds no reference to its Prefetcher, so a
+    dropped Prefetcher is collected and its thread told to stop.)"""
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for item in source:
+            if not put(item):
+                return
+        put(_END)
+    except BaseException as e:  # handed to the consumer
+        put(e)
+    finally:
+        _THREADS.discard((threading.current_thread(), stop))
+
+
+class Prefetcher:
+    """Runs an iterator in a thread, `depth` items ahead; its errors re-raise here. `close()`
+    (also at exit, and when it is garbage collected) stops the thread."""
 
     def __init__(self, source: Iterator, depth: int):
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(source,), daemon=True, name="cloze-loader")
+        self.thread = threading.Thread(target=_fill, args=(source, self.queue, self.stop), daemon=True,
+                                       name="cloze-loader")
+        _THREADS.add((self.thread, self.stop))
         self.thread.start()
-
-    def _run(self, source: Iterator) -> None:
-        try:
-            for item in source:
-                while not self.stop.is_set():
-                    try:
-                        self.queue.put(item, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                if self.stop.is_set():
-                    return
-            self.queue.put(self._END)
-        except BaseException as e:  # handed to the consumer
-            self.queue.put(e)
 
     def __iter__(self):
         return self
 
     def __next__(self):
         item = self.queue.get()
-        if item is self._END:
+        if item is _END:
             raise StopIteration
         if isinstance(item, BaseException):
             raise item
         return item
 
     def close(self) -> None:
+        self.stop.set()
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(timeout=30)
+
+    def __del__(self) -> None:
         self.stop.set()
 
 

@@ -125,6 +125,7 @@ def train_loop_per_worker(config: dict) -> None:
     step, tokens_seen, samples_seen = state["step"], state["tokens"], state["samples"]
     start_step, epoch, index = step, state["epoch"], state["index"]
     metrics: dict[str, float] = {}
+    stop = False
 
     def held_out_eval(at_step: int) -> dict[str, float]:
         if not held_out:
@@ -211,8 +212,13 @@ def train_loop_per_worker(config: dict) -> None:
         for cb in callbacks:
             cb.after_step(step, rank, world, run.get("metrics_dir") or "")
         if stop:
-            writer.close()
-            return
+            break
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()  # the loader thread stops before the worker moves on
+    if stop:
+        writer.close()
+        return
     weights = full_state(engine, cfg, rank)
     if rank == 0 and run.get("export_dir"):
         task.export(weights, metrics, run["export_dir"])
