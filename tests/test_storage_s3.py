@@ -189,4 +189,11 @@ def test_pretrain_reads_shards_and_stores_run_in_s3(ray_s3, tmp_path):
 
     with pytest.raises(ConfigError, match="already has checkpoints"):  # checked before any Ray work
         pretrain(cfg, progress=False, log=lambda *_: None)
+    # resuming the finished run from the bucket: its step-4 checkpoint is downloaded by the
+    # workers, nothing is left to train, and the export keeps the run's final metrics
+    again = pretrain(cfg, resume=result.run_dir, progress=False, log=lambda *_: None)
+    assert again.resumed_from == f"s3://{BUCKET}/runs/tiny/checkpoint_00000004{query}"
+    with fs.open_input_stream(f"{BUCKET}/runs/tiny/model/cloze.json") as f:
+        final = json.loads(f.read())["metadata"]["final_metrics"]
+    assert final["step"] == 4 and final["samples"] == 32
     shutil.rmtree(local)

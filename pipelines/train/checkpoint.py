@@ -15,47 +15,79 @@ import torch
 DS_TAG = "ds"  # DeepSpeed's tag (sub-folder) inside every Ray checkpoint
 
 
+def _files(path: str) -> dict[str, int]:
+    """Sizes of every file below a checkpoint folder (local or URI), by relative path."""
+    if "://" not in str(path):
+        root = Path(path)
+        return {str(f.relative_to(root)): f.stat().st_size for f in root.rglob("*") if f.is_file()}
+    import pyarrow.fs as pafs
+
+    from ..storage import filesystem
+
+    fs, root = filesystem(path)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return {i.path[len(root.rstrip("/")) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def _read(path: str, name: str) -> str:
+    from ..storage import join_path, read_bytes
+
+    body = read_bytes(join_path(str(path), name))
+    if body is None:
+        raise OSError(f"cannot read {name}")
+    return body.decode()
+
+
 def checkpoint_problem(path: str | os.PathLike) -> str | None:
-    """Why a checkpoint folder cannot be used (None = complete).
+    """Why a checkpoint folder (local or URI) cannot be used (None = complete).
 
     Every rank writes `manifest.rank<r>.json` (its files and their sizes) after its files;
     a checkpoint is complete when all ranks' manifests exist and every file matches."""
-    p = Path(path)
-    state = p / "trainer_state.json"
-    if not state.is_file():
-        return "no trainer_state.json"
     try:
-        world = json.loads(state.read_text())["world_size"]
+        files = _files(str(path))
+        if "trainer_state.json" not in files:
+            return "no trainer_state.json"
+        world = json.loads(_read(str(path), "trainer_state.json"))["world_size"]
         for r in range(world):
-            m = p / f"manifest.rank{r}.json"
-            if not m.is_file():
-                return f"rank {r} never finished writing (no {m.name})"
-            for name, size in json.loads(m.read_text()).items():
-                f = p / name
-                if not f.is_file():
-                    return f"missing file {name}"
-                if f.stat().st_size != size:
-                    return f"{name} is {f.stat().st_size} bytes, expected {size} (truncated?)"
+            name = f"manifest.rank{r}.json"
+            if name not in files:
+                return f"rank {r} never finished writing (no {name})"
+            for rel, size in json.loads(_read(str(path), name)).items():
+                if rel not in files:
+                    return f"missing file {rel}"
+                if files[rel] != size:
+                    return f"{rel} is {files[rel]} bytes, expected {size} (truncated?)"
     except (ValueError, KeyError, OSError) as e:
         return f"unreadable manifest ({e})"
     return None
 
 
 def checkpoint_step(path: str | os.PathLike) -> int:
-    return int(json.loads((Path(path) / "trainer_state.json").read_text())["step"])
+    return int(json.loads(_read(str(path), "trainer_state.json"))["step"])
 
 
 def latest_valid_checkpoint(run_dir: str | os.PathLike, log=print) -> str | None:
-    """The newest complete checkpoint of a run folder; incomplete ones are skipped, with a message."""
+    """The newest complete checkpoint of a run folder (local or URI); incomplete ones are
+    skipped, with a message."""
+    run_dir = str(run_dir)
+    if "://" in run_dir:
+        import pyarrow.fs as pafs
+
+        from ..storage import filesystem, join_path
+
+        fs, root = filesystem(run_dir)
+        names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+                 if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")]
+        folders = [join_path(run_dir, n) for n in names]
+    else:
+        folders = [str(p) for p in Path(run_dir).glob("checkpoint_*") if p.is_dir()]
     found = []
-    for p in Path(run_dir).glob("checkpoint_*"):
-        if not p.is_dir():
-            continue
-        problem = checkpoint_problem(p)
+    for folder in folders:
+        problem = checkpoint_problem(folder)
         if problem:
-            log(f"cloze: skipping checkpoint {p}: {problem}")
+            log(f"cloze: skipping checkpoint {folder}: {problem}")
         else:
-            found.append((checkpoint_step(p), str(p)))
+            found.append((checkpoint_step(folder), folder))
     return max(found)[1] if found else None
 
 

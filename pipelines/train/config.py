@@ -147,13 +147,20 @@ def check_resources(cfg: TrainConfig, available_cpus: float, available_gpus: flo
                           f"but the cluster has {available_gpus:g}")
 
 
-def check_storage(cfg: TrainConfig, alive_nodes: int) -> None:
+def check_storage(cfg: TrainConfig, alive_nodes: int, inputs: list[str] = ()) -> None:
     """A multi-node cluster needs storage every node sees: a URI, or a declared shared path.
-    A plain local path would scatter checkpoints and metrics across the nodes' own disks."""
-    if alive_nodes > 1 and not cfg.remote and not cfg.shared_filesystem:
+    A plain local path would scatter checkpoints and metrics across the nodes' own disks, and
+    workers on other nodes would not find local inputs."""
+    if alive_nodes < 2 or cfg.shared_filesystem:
+        return
+    if not cfg.remote:
         raise ConfigError(
             f"storage_path {cfg.storage_path!r} is a local path but the cluster has {alive_nodes} nodes: give a "
             f"URI (s3://, gs://) or set shared_filesystem = true for a path every node mounts")
+    local = [p for p in inputs if "://" not in p]
+    if local:
+        raise ConfigError(f"{local[0]!r} is a local path but the cluster has {alive_nodes} nodes: workers on the "
+                          f"other nodes cannot read it; give a URI or set shared_filesystem = true")
 
 
 def torch_extensions_dir() -> str:

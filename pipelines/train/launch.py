@@ -34,6 +34,7 @@ class TrainResult:
     metrics: dict[str, float]
     checkpoint: str | None
     evals: list[dict[str, float]] = field(default_factory=list)  # eval.csv: held-out metrics by step
+    resumed_from: str | None = None  # the checkpoint a resumed run started from
 
 
 def _progress(run_dir: str, total: int, stop: threading.Event, desc: str) -> None:
@@ -74,7 +75,7 @@ def has_checkpoints(run_dir: str) -> bool:
 def fit(task: Task, resume: str | os.PathLike | None = None, progress: bool = True, log=print,
         callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Launch one run of `task` (its config already checked) and wait for it.
-    `resume`: an existing local run folder, continued from its newest complete checkpoint."""
+    `resume`: an existing run folder (local or URI), continued from its newest complete checkpoint."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -83,10 +84,8 @@ def fit(task: Task, resume: str | os.PathLike | None = None, progress: bool = Tr
     run_dir = run_folder(cfg)
     resume_from = None
     if resume is not None:
-        if cfg.remote:
-            raise ConfigError("--resume reads a local run folder; remote runs resume through Ray's own state")
-        if not Path(run_dir).is_dir():
-            raise ConfigError(f"resume: {run_dir} is not a run folder")
+        if read_bytes(join_path(run_dir, "config.json")) is None:
+            raise ConfigError(f"resume: {run_dir} is not a run folder (no config.json)")
         resume_from = latest_valid_checkpoint(run_dir, log=log)
         log(f"cloze {task.name}: resuming {run_dir} from {resume_from or 'the start (no complete checkpoint)'}")
     elif has_checkpoints(run_dir):
@@ -96,7 +95,7 @@ def fit(task: Task, resume: str | os.PathLike | None = None, progress: bool = Tr
         ray.init(include_dashboard=False)
     res = ray.cluster_resources()
     check_resources(cfg, res.get("CPU", 0.0), res.get("GPU", 0.0))
-    check_storage(cfg, sum(1 for n in ray.nodes() if n.get("Alive")))
+    check_storage(cfg, sum(1 for n in ray.nodes() if n.get("Alive")), task.input_paths())
     ds_config = deepspeed_config(cfg, task.hidden_size())
 
     if not cfg.remote:
@@ -137,4 +136,4 @@ def fit(task: Task, resume: str | os.PathLike | None = None, progress: bool = Tr
     if ckpt and cfg.remote:
         ckpt = to_uri(cfg.storage_path, ckpt)
     return TrainResult(run_dir=run_dir, model_dir=model_dir, metrics=dict(result.metrics or {}), checkpoint=ckpt,
-                       evals=read_metrics(run_dir, "eval.csv"))
+                       evals=read_metrics(run_dir, "eval.csv"), resumed_from=resume_from)

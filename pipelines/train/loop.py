@@ -77,6 +77,18 @@ def full_state(engine, cfg, rank: int) -> dict[str, torch.Tensor] | None:
     return state
 
 
+def _local(checkpoint: str | None):
+    """A checkpoint folder as a local directory (a URI's is downloaded), or None."""
+    if not checkpoint or "://" not in checkpoint:
+        return nullcontext(checkpoint)
+    import ray.train
+
+    from ..storage import filesystem
+
+    fs, path = filesystem(checkpoint)
+    return ray.train.Checkpoint(path=path, filesystem=fs).as_directory()
+
+
 def train_loop_per_worker(config: dict) -> None:
     run = config["run"]
     os.environ["TORCH_EXTENSIONS_DIR"] = run["torch_extensions_dir"]  # before DeepSpeed builds an op
@@ -103,18 +115,18 @@ def train_loop_per_worker(config: dict) -> None:
     engine, schedule = build_engine(model, param_groups(model, cfg.optimizer.weight_decay), cfg, config["deepspeed"])
     torch.manual_seed(mix_seed(cfg.seed, DROPOUT, rank))  # each rank its own dropout masks
 
-    state = {"step": 0, "epoch": 0, "index": 0, "tokens": 0, "samples": 0}
+    state = {"step": 0, "epoch": 0, "index": 0, "tokens": 0, "samples": 0, "metrics": {}}
     ckpt = ray.train.get_checkpoint()
-    with (ckpt.as_directory() if ckpt else nullcontext()) as ray_dir:
+    with (ckpt.as_directory() if ckpt else nullcontext()) as ray_dir, _local(run.get("resume_from")) as picked:
         candidates = []
-        for path in (ray_dir, run.get("resume_from")):
+        for path in (ray_dir, picked):
             problem = checkpoint_problem(path) if path else None
             if path and problem is None:
                 candidates.append((checkpoint_step(path), path))
             elif path and rank == 0:
                 print(f"cloze: skipping checkpoint {path}: {problem}")
         if candidates:
-            state = load_checkpoint(engine, max(candidates)[1], rank)
+            state = {"metrics": {}, **load_checkpoint(engine, max(candidates)[1], rank)}
 
     batches = task.batches(rank, world, state["epoch"], state["index"])
     peak = run.get("cpu_peak_flops") or 0.0
@@ -124,7 +136,7 @@ def train_loop_per_worker(config: dict) -> None:
     held_out = task.held_out(rank, world)
     step, tokens_seen, samples_seen = state["step"], state["tokens"], state["samples"]
     start_step, epoch, index = step, state["epoch"], state["index"]
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = dict(state["metrics"])  # a resumed finished run exports what it had
     stop = False
 
     def held_out_eval(at_step: int) -> dict[str, float]:
@@ -141,17 +153,26 @@ def train_loop_per_worker(config: dict) -> None:
 
             pafs.copy_files(run["metrics_dir"], run["sync_dir"])
 
+    def agree(flag: bool) -> bool:  # a decision every rank takes together (else collectives diverge)
+        vec = torch.tensor([float(flag)], device=device)
+        if world > 1:
+            torch.distributed.all_reduce(vec, op=torch.distributed.ReduceOp.MAX)
+        return bool(vec.item())
+
     if step == 0:
         held_out_eval(0)  # the starting point the final evaluation is compared with
     sums = DeviceSums(device)
-    host = {"tokens": 0.0, "samples": 0.0, "flops": 0.0, "time": 0.0, "steps": 0}
+    host = {"tokens": 0.0, "samples": 0.0, "flops": 0.0, "steps": 0}
+    interval_start = time.perf_counter()  # wall clock of the steps since the last metric row
     engine.train()
     while step < cfg.max_steps and not (cfg.max_tokens and tokens_seen >= cfg.max_tokens):
-        t0 = time.perf_counter()
         lr = schedule.get_last_lr()[0]
-        # a token budget needs every step's global token count (one small all-reduce per step)
+        stop = agree(any(cb.wants_stop(step + 1) for cb in callbacks)) if callbacks else False
+        checkpoint_now = bool(cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
+        # a token budget needs every step's global token count (one small all-reduce per step);
+        # a checkpoint or a stop records exact counters
         log_now = (cfg.max_tokens > 0 or (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
-                   or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0))
+                   or checkpoint_now or stop)
         stage0_norm = None
         for _ in range(cfg.accumulation):
             epoch, index, batch = next(batches)
@@ -178,11 +199,10 @@ def train_loop_per_worker(config: dict) -> None:
             engine.step()  # DeepSpeed steps the optimizer and lr schedule at the accumulation boundary
         step += 1
         host["steps"] += 1
-        host["time"] += time.perf_counter() - t0
         if log_now:
             sums.add({"_tokens": host["tokens"], "_samples": host["samples"], "_flops": host["flops"]})
-            total = sums.reduce(world)
-            dt = host["time"]
+            total = sums.reduce(world)  # waits for the device: the interval's time is complete after it
+            dt = time.perf_counter() - interval_start
             grad_norm = stage0_norm if cfg.zero_stage == 0 else engine.get_global_grad_norm()
             metrics = {"step": step, **{k: v / (world * host["steps"]) for k, v in total.items()
                                         if not k.startswith("_")},
@@ -195,22 +215,23 @@ def train_loop_per_worker(config: dict) -> None:
             samples_seen += int(total["_samples"])
             metrics.update(tokens=tokens_seen, samples=samples_seen)
             writer.write(metrics)
-            host = {"tokens": 0.0, "samples": 0.0, "flops": 0.0, "time": 0.0, "steps": 0}
-        state = {"step": step, "epoch": epoch, "index": index + 1, "tokens": tokens_seen,
-                 "samples": samples_seen, "world_size": world}
+            host = {"tokens": 0.0, "samples": 0.0, "flops": 0.0, "steps": 0}
         done = step >= cfg.max_steps or (cfg.max_tokens and tokens_seen >= cfg.max_tokens)
-        stop = any(cb.wants_stop(step) for cb in callbacks)
-        if done or stop or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+        if done or stop or checkpoint_now:
             metrics.update(held_out_eval(step))
+            state = {"step": step, "epoch": epoch, "index": index + 1, "tokens": tokens_seen,
+                     "samples": samples_seen, "world_size": world, "metrics": metrics}
+            sync()  # before the checkpoint counts: a restart never lacks the rows before it
             with tempfile.TemporaryDirectory(prefix="cloze-ckpt-") as tmp:
                 save_checkpoint(engine, Path(tmp), state, rank, task.locate(rank, world, epoch, index + 1))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"checkpoint_{step:08d}")
-            sync()
         elif cfg.report_every and step % cfg.report_every == 0:
             ray.train.report(metrics)
         for cb in callbacks:
             cb.after_step(step, rank, world, run.get("metrics_dir") or "")
+        if log_now:
+            interval_start = time.perf_counter()  # evaluation and checkpoints are not step time
         if stop:
             break
     close = getattr(batches, "close", None)

@@ -30,6 +30,10 @@ class Task:
     def build_model(self) -> torch.nn.Module:
         raise NotImplementedError
 
+    def input_paths(self) -> list[str]:
+        """Folders and files the workers read (on a multi-node cluster they must be shared)."""
+        return []
+
     def hidden_size(self) -> int:
         """The model's width (sizes DeepSpeed's buckets)."""
         raise NotImplementedError
