@@ -56,7 +56,7 @@ class PretrainConfig(TrainConfig):
     eval_shards: int = 0
     eval_data: str = ""
 
-    PATH_FIELDS = ("storage_path", "data", "eval_data", "tokenizer", "init_from")
+    PATH_FIELDS = ("storage_path", "output", "data", "eval_data", "tokenizer", "init_from")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -45,6 +45,7 @@ class TrainConfig:
     storage_path: str = "runs"  # local folder, a shared filesystem, or s3:// / gs:// URI
     shared_filesystem: bool = False  # storage_path is a local path every node sees (NFS, ...): multi-node OK
     name: str = "run"
+    output: str = ""  # where the exported model folder goes; "" = <storage_path>/<name>/model
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     batch_size_per_worker: int = 8
     global_batch_size: int = 0  # 0 = batch_size_per_worker x num_workers (no accumulation)
@@ -70,6 +71,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_failures: int = 0  # worker failures Ray Train recovers from (from the last checkpoint)
     eval_batches: int = 8  # held-out global batches per evaluation
+    # model selection: keep the weights of the best evaluation of this metric (e.g. "eval/macro_f1",
+    # higher is better; a name ending in "loss" is lower-better) as the export; "" = the last weights
+    select_metric: str = ""
+    patience: int = 0  # evaluations without improvement of select_metric before stopping; 0 = never stop early
 
     def __post_init__(self) -> None:
         checks = [
@@ -90,6 +95,7 @@ class TrainConfig:
             ("keep_checkpoints", self.keep_checkpoints >= 1, "must be >= 1"),
             ("max_failures", self.max_failures >= -1, "must be >= -1 (-1 = unlimited)"),
             ("eval_batches", self.eval_batches >= 1, "must be >= 1"),
+            ("patience", self.patience >= 0, "must be >= 0"),
             ("name", bool(self.name) and "/" not in self.name, "must be a non-empty folder name"),
         ]
         for key, ok, why in checks:
@@ -100,6 +106,8 @@ class TrainConfig:
             raise ConfigError(
                 f"global_batch_size ({self.global_batch_size}) must be divisible by batch_size_per_worker x "
                 f"num_workers ({self.batch_size_per_worker} x {self.num_workers} = {unit})")
+        if self.patience and not self.select_metric:
+            raise ConfigError("patience needs select_metric (the evaluation metric to watch)")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ConfigError("offload_optimizer needs zero_stage 1, 2 or 3")
 
@@ -124,7 +132,7 @@ class TrainConfig:
         return build_dataclass(cls, table, prefix)
 
     # local path fields of the config (made absolute before workers start: they run elsewhere)
-    PATH_FIELDS = ("storage_path",)
+    PATH_FIELDS = ("storage_path", "output")
 
     def absolute(self):
         """The config with its local paths made absolute (URIs and empty values stay)."""

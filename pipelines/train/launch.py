@@ -104,7 +104,8 @@ def fit(task: Task, resume: str | os.PathLike | None = None, progress: bool = Tr
     ext_dir = torch_extensions_dir()
     Path(ext_dir).mkdir(parents=True, exist_ok=True)
     run = {"run_dir": run_dir, "metrics_dir": None if cfg.remote else run_dir, "sync_dir": run_dir if cfg.remote else None,
-           "export_dir": join_path(run_dir, "model"), "resume_from": resume_from, "torch_extensions_dir": ext_dir,
+           "export_dir": cfg.output or join_path(run_dir, "model"), "best_dir": join_path(run_dir, "best"),
+           "resume_from": resume_from, "torch_extensions_dir": ext_dir,
            "cpu_peak_flops": None if cfg.use_gpu else cpu_peak_flops(int(cfg.cpus_per_worker))}
     store_fs, store_path = (filesystem(cfg.storage_path) if cfg.remote else (None, cfg.storage_path))
     trainer = TorchTrainer(
@@ -129,7 +130,7 @@ def fit(task: Task, resume: str | os.PathLike | None = None, progress: bool = Tr
         stop.set()
         if progress:
             bar.join()
-    model_dir = join_path(run_dir, "model")
+    model_dir = cfg.output or join_path(run_dir, "model")
     if read_bytes(join_path(model_dir, "cloze.json")) is None:
         model_dir = None  # stopped before the end
     ckpt = result.checkpoint.path if result.checkpoint else None

@@ -20,7 +20,7 @@ import torch
 from ..data.loader import mix_seed
 from .checkpoint import checkpoint_problem, checkpoint_step, load_checkpoint, save_checkpoint
 from .metrics import DeviceSums, MetricsWriter, gpu_peak_flops, max_rss_bytes, memory_report
-from .optim import build_engine, param_groups
+from .optim import build_engine
 from .task import Task
 
 DROPOUT = 0xD12  # seed stream of each rank's dropout / sampling RNG
@@ -77,6 +77,20 @@ def full_state(engine, cfg, rank: int) -> dict[str, torch.Tensor] | None:
     return state
 
 
+def _publish_best(best_dir: str, export_dir: str) -> None:
+    """best/ -> model/: a rename locally, a copy on an object store."""
+    if "://" not in export_dir:
+        import shutil
+
+        if Path(export_dir).exists():
+            shutil.rmtree(export_dir)
+        shutil.copytree(best_dir, export_dir)
+        return
+    import pyarrow.fs as pafs
+
+    pafs.copy_files(best_dir, export_dir)
+
+
 def _local(checkpoint: str | None):
     """A checkpoint folder as a local directory (a URI's is downloaded), or None."""
     if not checkpoint or "://" not in checkpoint:
@@ -112,7 +126,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = task.build_model()
-    engine, schedule = build_engine(model, param_groups(model, cfg.optimizer.weight_decay), cfg, config["deepspeed"])
+    engine, schedule = build_engine(model, task.param_groups(model), cfg, config["deepspeed"])
     torch.manual_seed(mix_seed(cfg.seed, DROPOUT, rank))  # each rank its own dropout masks
 
     state = {"step": 0, "epoch": 0, "index": 0, "tokens": 0, "samples": 0, "metrics": {}}
@@ -139,12 +153,34 @@ def train_loop_per_worker(config: dict) -> None:
     metrics: dict[str, float] = dict(state["metrics"])  # a resumed finished run exports what it had
     stop = False
 
+    best = dict(state.get("best") or {})  # {"value", "step", "bad"}: model selection on select_metric
+
     def held_out_eval(at_step: int) -> dict[str, float]:
-        if not held_out:
+        result = task.evaluate(engine, rank, world, device)
+        if result is None:
+            result = evaluate(engine, held_out, world, device) if held_out else {}
+        if not result:
             return {}
-        result = evaluate(engine, held_out, world, device)
         writer.write({"step": at_step, **result, "time": time.time()}, file="eval.csv")
+        if cfg.select_metric:
+            select(at_step, result)
         return result
+
+    def select(at_step: int, result: dict[str, float]) -> None:
+        """Keep the best evaluation's weights as `best/` (exported now: a restart keeps it)."""
+        if cfg.select_metric not in result:
+            raise KeyError(f"select_metric {cfg.select_metric!r} is not among the evaluation's metrics "
+                           f"({', '.join(sorted(result))})")
+        value = result[cfg.select_metric]
+        lower = cfg.select_metric.endswith("loss")
+        if not best or (value < best["value"] if lower else value > best["value"]):
+            best.update(value=value, step=at_step, bad=0)
+            weights = full_state(engine, cfg, rank)  # a collective under ZeRO-3
+            if rank == 0 and run.get("best_dir"):
+                task.export(weights, {"step": at_step, **result, "selected_by": cfg.select_metric},
+                            run["best_dir"])
+        else:
+            best["bad"] = best.get("bad", 0) + 1
 
     def sync() -> None:  # run artifacts to shared storage (rank 0), at checkpoints and the end
         writer.flush()
@@ -219,8 +255,11 @@ def train_loop_per_worker(config: dict) -> None:
         done = step >= cfg.max_steps or (cfg.max_tokens and tokens_seen >= cfg.max_tokens)
         if done or stop or checkpoint_now:
             metrics.update(held_out_eval(step))
+            if cfg.patience and best.get("bad", 0) >= cfg.patience:
+                done = True  # early stop: every rank saw the same (all-reduced) evaluation
+                metrics["early_stopped"] = 1.0
             state = {"step": step, "epoch": epoch, "index": index + 1, "tokens": tokens_seen,
-                     "samples": samples_seen, "world_size": world, "metrics": metrics}
+                     "samples": samples_seen, "world_size": world, "metrics": metrics, "best": best}
             sync()  # before the checkpoint counts: a restart never lacks the rows before it
             with tempfile.TemporaryDirectory(prefix="cloze-ckpt-") as tmp:
                 save_checkpoint(engine, Path(tmp), state, rank, task.locate(rank, world, epoch, index + 1))
@@ -232,7 +271,7 @@ def train_loop_per_worker(config: dict) -> None:
             cb.after_step(step, rank, world, run.get("metrics_dir") or "")
         if log_now:
             interval_start = time.perf_counter()  # evaluation and checkpoints are not step time
-        if stop:
+        if stop or done:
             break
     close = getattr(batches, "close", None)
     if close is not None:
@@ -240,8 +279,15 @@ def train_loop_per_worker(config: dict) -> None:
     if stop:
         writer.close()
         return
-    weights = full_state(engine, cfg, rank)
-    if rank == 0 and run.get("export_dir"):
-        task.export(weights, metrics, run["export_dir"])
+    if cfg.select_metric and best and run.get("best_dir"):
+        if rank == 0 and run.get("export_dir"):  # the selected weights become the model
+            from ..storage import join_path, read_bytes
+
+            if read_bytes(join_path(run["best_dir"], "cloze.json")) is not None:
+                _publish_best(run["best_dir"], run["export_dir"])
+    else:
+        weights = full_state(engine, cfg, rank)
+        if rank == 0 and run.get("export_dir"):
+            task.export(weights, metrics, run["export_dir"])
     writer.close()
     sync()

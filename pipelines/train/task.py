@@ -48,6 +48,18 @@ class Task:
     def held_out(self, rank: int, world: int) -> list[dict]:
         return []
 
+    def evaluate(self, model, rank: int, world: int, device) -> dict[str, float] | None:
+        """Held-out metrics computed by the task itself (every rank calls it, the same number
+        of forwards on each: ZeRO-3 gathers weights per forward); None = the core's generic
+        loss / accuracy over `held_out` batches."""
+        return None
+
+    def param_groups(self, model: torch.nn.Module) -> list[dict]:
+        """Optimizer groups; default: weight decay on matrices, one learning rate."""
+        from .optim import param_groups
+
+        return param_groups(model, self.config.optimizer.weight_decay)
+
     def flops(self, batch: dict) -> float:
         """Training FLOPs of one batch (forward + backward), for MFU; 0 = unknown."""
         return 0.0

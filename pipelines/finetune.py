@@ -1,0 +1,430 @@
+"""Fine-tuning: a sequence ([CLS]) or token (NER) classifier on labeled data, as a second
+task of the training core (Ray Train + DeepSpeed ZeRO, checkpoints, metrics, resume).
+
+The driver reads and checks the labeled files (or a built-in task), tokenizes them with the
+init model's tokenizer (`pipelines.inference`: the encoding serving and `cloze evaluate`
+use), and writes the training examples as Parquet shards into the run folder, which the
+core's loader reads per rank. The dev set is scored at every checkpoint (macro-F1, or
+entity F1 for token tasks); the best evaluation's weights are exported (early stopping
+after `patience` evaluations without improvement) as an HF `BertForSequenceClassification`
+/ `BertForTokenClassification` folder with `id2label`, the tokenizer and `cloze.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from encoder import Encoder, EncoderConfig
+from encoder.objective import ObjectiveOutput
+
+from .config import ConfigError, apply_overrides, build_dataclass, load_toml
+from .inference import IGNORE, encode_sequences, encode_words, pad_batch, token_labels, tokenizer_for
+from .storage import join_path, write_atomic
+from .train import Task, TrainConfig, TrainResult, fit
+
+SHARD_ROWS = 4096
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig(TrainConfig):
+    """One fine-tuning run: the `[finetune]` table (+ `[finetune.optimizer]`), `[model]` for
+    `init = "random"` without `like`."""
+
+    name: str = "finetune"
+    task: str = "sequence"  # sequence | token
+    task_name: str = ""  # a built-in task (bbc-topic, newsgroups, movie-sentiment, sms-spam, conll2003) instead of files
+    train: str = ""  # labeled file (CSV / JSONL / Parquet; CoNLL or JSONL tokens + tags for token tasks)
+    dev: str = ""  # "" = a stratified 10% of train (seeded)
+    test: str = ""  # scored once at the end with the selected weights; "" = none
+    label_fraction: float = 1.0  # keep this share of the training labels (stratified, seeded): the low-label regime
+    init: str = ""  # a model folder (cloze run, cloze model, any HF BERT folder) or "random"
+    like: str = ""  # with init = "random": the folder whose shape and tokenizer the fresh model takes
+    model: dict[str, Any] = field(default_factory=dict)  # with init = "random" and no `like`: the [model] table
+    tokenizer: str = ""  # with init = "random" and no `like`: a folder with vocab.txt / tokenizer.json
+    mode: str = "finetune"  # finetune: every weight trains | frozen: the encoder is a fixed feature extractor
+    head_lr: float = 0.0  # the classifier's learning rate; 0 = optimizer.lr
+    max_seq_len: int = 128  # tokens per example ([CLS] and [SEP] included); longer ones are cut (counted)
+    epochs: float = 3.0  # passes over the training set (sets max_steps); 0 = use max_steps
+    select_metric: str = "eval/f1"  # macro-F1 (sequence) / entity F1 (token) on dev
+    patience: int = 3  # evaluations without a better dev F1 before stopping
+    checkpoint_every: int = 0  # 0 = evaluate about 4 times an epoch
+
+    PATH_FIELDS = ("storage_path", "output", "train", "dev", "test", "init", "like", "tokenizer")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks = [
+            ("task", self.task in ("sequence", "token"), "must be sequence or token"),
+            ("mode", self.mode in ("finetune", "frozen"), "must be finetune or frozen"),
+            ("label_fraction", 0.0 < self.label_fraction <= 1.0, "must be in (0, 1]"),
+            ("max_seq_len", 8 <= self.max_seq_len <= 8192, "must be in [8, 8192]"),
+            ("epochs", self.epochs >= 0, "must be >= 0"),
+            ("head_lr", self.head_lr >= 0, "must be >= 0"),
+            ("init", bool(self.init), "is required: a model folder or \"random\""),
+        ]
+        for key, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"{key} {why}, got {getattr(self, key)!r}")
+        if bool(self.task_name) == bool(self.train):
+            raise ConfigError("give either train (a labeled file) or task_name (a built-in task)")
+        if self.init == "random" and not (self.like or self.tokenizer):
+            raise ConfigError('init = "random" needs like (a model folder to copy the shape and tokenizer of) '
+                              'or tokenizer (+ the [model] table)')
+
+    def absolute(self):
+        return dataclasses.replace(super().absolute(), init=self.init if self.init == "random" else
+                                   str(Path(self.init).expanduser().resolve()) if "://" not in self.init else self.init)
+
+    @classmethod
+    def from_dict(cls, table: Mapping[str, Any], prefix: str = "finetune.") -> "FinetuneConfig":
+        return build_dataclass(cls, table, prefix)
+
+    @classmethod
+    def from_toml(cls, path, overrides: Mapping[str, Any] | None = None) -> "FinetuneConfig":
+        raw = load_toml(path) if path else {}
+        if overrides:
+            raw = apply_overrides(raw, overrides)
+        table = dict(raw.get("finetune", {}))
+        if "model" in raw:
+            table["model"] = raw["model"]
+        return cls.from_dict(table)
+
+
+# ------------------------------------------------------------------ the model
+
+class Classify(torch.nn.Module):
+    """The core's contract around a classifier: forward(batch) -> ObjectiveOutput."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> ObjectiveOutput:
+        out = self.model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch["labels"])
+        return ObjectiveOutput(out.loss, {"loss": out.loss.detach(), **{f"cls/{k}": v for k, v in out.metrics.items()}})
+
+
+def _init_source(cfg: FinetuneConfig) -> tuple[str, EncoderConfig]:
+    """(tokenizer folder, encoder shape) of the run."""
+    from .pretrain import init_config
+
+    if cfg.init != "random":
+        if not Path(cfg.init, "config.json").is_file():
+            raise ConfigError(f"init: {cfg.init} is not a model folder (no config.json)")
+        return cfg.init, init_config(cfg.init)
+    if cfg.like:
+        return cfg.like, init_config(cfg.like)
+    from .data.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(cfg.tokenizer).get_vocab_size(with_added_tokens=True)
+    return cfg.tokenizer, EncoderConfig.from_dict({"preset": "tiny", **cfg.model, "vocab_size": vocab}, prefix="model.")
+
+
+# ------------------------------------------------------------------ data
+
+@dataclass
+class Split:
+    """A tokenized labeled set: model inputs, label ids, and what decoding needs."""
+
+    input_ids: list[np.ndarray]
+    token_type_ids: list[np.ndarray]
+    labels: list  # sequence: int per example; token: per-piece ids (-100 off first pieces)
+    gold: list  # sequence: label strings; token: word tag lists
+    first_piece: list[list[int]]
+    truncated: int
+
+
+def tokenize(ds, tok, label2id: dict[str, int]) -> Split:
+    if ds.task == "sequence":
+        enc = encode_sequences(tok, ds.texts, ds.texts_b)
+        labels = [label2id[lab] for lab in ds.labels]
+    else:
+        enc = encode_words(tok, ds.tokens)
+        labels = token_labels(enc, ds.labels, label2id)
+    return Split(enc.input_ids, enc.token_type_ids, labels, list(ds.labels), enc.first_piece, sum(enc.truncated))
+
+
+def write_shards(split: Split, folder: str, task: str) -> list[str]:
+    """The training examples as Parquet shards (row groups of 1024) under `folder`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .storage import filesystem
+
+    fs, root = filesystem(folder)
+    fs.create_dir(root, recursive=True)
+    files = []
+    label_type = pa.int32() if task == "sequence" else pa.list_(pa.int32())
+    for s, start in enumerate(range(0, len(split.input_ids), SHARD_ROWS)):
+        end = start + SHARD_ROWS
+        table = pa.table({"input_ids": pa.array(split.input_ids[start:end], pa.list_(pa.int32())),
+                          "token_type_ids": pa.array(split.token_type_ids[start:end], pa.list_(pa.int8())),
+                          "labels": pa.array(split.labels[start:end], label_type)})
+        name = f"part-{s:05d}.parquet"
+        pq.write_table(table, f"{root}/{name}", filesystem=fs, row_group_size=1024, compression="zstd")
+        files.append(join_path(folder, name))
+    return files
+
+
+def collate(rows: Mapping[str, list], pad_id: int, task: str) -> dict[str, torch.Tensor]:
+    from .data.collate import pad_rows
+
+    batch = pad_batch([np.asarray(x) for x in rows["input_ids"]], [np.asarray(x) for x in rows["token_type_ids"]],
+                      pad_id)
+    if task == "sequence":
+        batch["labels"] = torch.as_tensor(np.asarray(rows["labels"], dtype=np.int64))
+    else:
+        batch["labels"] = pad_rows([np.asarray(x) for x in rows["labels"]], IGNORE, 8)
+    return batch
+
+
+def scores(kind: str, gold: list, pred: list, labels: list[str]) -> dict[str, Any]:
+    """The evaluation report: sequence -> accuracy, macro-F1, per class, confusion; token ->
+    entity precision / recall / F1 (overall and per type)."""
+    from .quality import classification_report, entity_report
+
+    if kind == "sequence":
+        report = classification_report(gold, pred, labels)
+        return {"f1": report["macro_f1"], **report}
+    report = entity_report(gold, pred)
+    return {"f1": report["overall"]["f1"], **report}
+
+
+# ------------------------------------------------------------------ the task
+
+class FinetuneTask(Task):
+    name = "finetune"
+
+    def __init__(self, cfg: FinetuneConfig, shards, dev: Split, labels: list[str], tokenizer: str,
+                 encoder_config: EncoderConfig, provenance: dict):
+        self.config, self.shards, self.dev, self.labels = cfg, shards, dev, labels
+        self.tokenizer, self.encoder_config, self.provenance = tokenizer, encoder_config, provenance
+        self._readers: dict = {}
+
+    def input_paths(self) -> list[str]:
+        return [p for p in (self.config.init if self.config.init != "random" else "", self.tokenizer) if p]
+
+    def hidden_size(self) -> int:
+        return self.encoder_config.hidden_size
+
+    def classifier(self) -> torch.nn.Module:
+        from encoder import SequenceClassifier, TokenClassifier
+
+        cfg = self.config
+        id2label = dict(enumerate(self.labels))
+        frozen = cfg.mode == "frozen"
+        if cfg.init != "random":
+            from encoder.hf import load_pretrained
+
+            return load_pretrained(cfg.init, kind=cfg.task, num_labels=len(self.labels), id2label=id2label,
+                                   frozen=frozen)
+        cls = SequenceClassifier if cfg.task == "sequence" else TokenClassifier
+        return cls(Encoder(self.encoder_config), len(self.labels), id2label, frozen=frozen)
+
+    def build_model(self) -> Classify:
+        return Classify(self.classifier())
+
+    def param_groups(self, model) -> list[dict]:
+        """Encoder at optimizer.lr, the classifier head at head_lr; no decay on 1-d tensors."""
+        cfg = self.config
+        head_lr = cfg.head_lr or cfg.optimizer.lr
+        groups: dict[tuple[bool, bool], list] = {}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                groups.setdefault((".encoder." in f".{name}", p.ndim >= 2), []).append(p)
+        return [{"params": ps, "weight_decay": cfg.optimizer.weight_decay if matrix else 0.0,
+                 "lr": cfg.optimizer.lr if enc else head_lr} for (enc, matrix), ps in sorted(groups.items())]
+
+    def reader(self, rank: int, world: int):
+        from .data.loader import RankReader
+
+        if (rank, world) not in self._readers:
+            cfg = self.config
+            self._readers[(rank, world)] = RankReader(self.shards, ["input_ids", "token_type_ids", "labels"],
+                                                      rank=rank, world=world, batch_size=cfg.batch_size_per_worker,
+                                                      seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)
+        return self._readers[(rank, world)]
+
+    def batches(self, rank: int, world: int, epoch: int, index: int):
+        from .data.loader import Prefetcher
+
+        pad, task = self.encoder_config.pad_token_id, self.config.task
+
+        def produce():
+            for e, i, rows in self.reader(rank, world).batches(epoch, index):
+                yield e, i, collate(rows, pad, task)
+
+        return Prefetcher(produce(), self.config.prefetch_batches)
+
+    def locate(self, rank: int, world: int, epoch: int, index: int) -> dict[str, Any]:
+        return self.reader(rank, world).locate(epoch, index)
+
+    def flops(self, batch: dict) -> float:
+        from encoder import flops_per_token
+
+        return float(batch["attention_mask"].sum()) * flops_per_token(self.encoder_config, batch["input_ids"].shape[1])
+
+    def predict(self, model, split: Split, rank: int, world: int, device) -> list:
+        """Predictions of this rank's examples (i % world == rank), gathered on every rank in
+        example order; every rank runs the same number of forwards (ZeRO-3)."""
+        B = self.config.batch_size_per_worker
+        mine = list(range(rank, len(split.input_ids), world))
+        n_batches = math.ceil(math.ceil(len(split.input_ids) / world) / B)
+        preds: dict[int, Any] = {}
+        model.eval()
+        with torch.no_grad():
+            for b in range(n_batches):
+                idx = mine[b * B:(b + 1) * B] or mine[:1] or [0]  # a rank short of examples repeats one
+                batch = pad_batch([split.input_ids[i] for i in idx], [split.token_type_ids[i] for i in idx],
+                                  self.encoder_config.pad_token_id)
+                inner = model.module.model if hasattr(model, "module") else model.model
+                logits = inner(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids"))
+                               ).logits.argmax(-1).cpu()
+                for j, i in enumerate(idx):
+                    if i in mine[b * B:(b + 1) * B]:
+                        preds[i] = logits[j].tolist()
+        model.train()
+        if world > 1:
+            gathered: list = [None] * world
+            torch.distributed.all_gather_object(gathered, preds)
+            preds = {k: v for part in gathered for k, v in part.items()}
+        out = []
+        for i in range(len(split.input_ids)):
+            if self.config.task == "sequence":
+                out.append(self.labels[preds[i]])
+            else:
+                tags = [self.labels[preds[i][p]] for p in split.first_piece[i]]
+                out.append(tags + ["O"] * (len(split.gold[i]) - len(tags)))
+        return out
+
+    def evaluate(self, model, rank: int, world: int, device) -> dict[str, float]:
+        report = scores(self.config.task, self.dev.gold, self.predict(model, self.dev, rank, world, device),
+                        self.labels)
+        out = {"eval/f1": report["f1"]}
+        if self.config.task == "sequence":
+            out["eval/accuracy"] = report["accuracy"]
+        else:
+            out.update({f"eval/{k}": report["overall"][k] for k in ("precision", "recall")})
+        return out
+
+    def export(self, state, metrics, dest: str) -> None:
+        import tempfile
+
+        from encoder.hf import save_pretrained
+
+        model = self.classifier()
+        model.load_state_dict({k[len("model."):]: v for k, v in state.items()})
+        meta = {"task": self.config.task, "labels": self.labels, "init": self.provenance,
+                "finetune_config": self.config.to_dict(), "dev_metrics": metrics}
+        if "://" not in dest:
+            save_pretrained(model, dest, tokenizer=self.tokenizer, metadata=meta)
+            return
+        import pyarrow.fs as pafs
+
+        with tempfile.TemporaryDirectory() as tmp:
+            save_pretrained(model, Path(tmp) / "model", tokenizer=self.tokenizer, metadata=meta)
+            pafs.copy_files(str(Path(tmp) / "model"), dest)
+
+
+# ------------------------------------------------------------------ driver
+
+def load_sets(cfg: FinetuneConfig):
+    """(train, dev, test) LabeledSets, checked (LabeledDataError -> ConfigError)."""
+    from .labeled import (LabeledDataError, builtin_task, check_splits, label_fraction, read_labeled,
+                          stratified_split)
+
+    try:
+        if cfg.task_name:
+            train, dev, test = (builtin_task(cfg.task_name, s) for s in ("train", "dev", "test"))
+        else:
+            train = read_labeled(cfg.train, cfg.task)
+            dev = read_labeled(cfg.dev, cfg.task) if cfg.dev else None
+            test = read_labeled(cfg.test, cfg.task) if cfg.test else None
+            if dev is None:
+                train, dev = stratified_split(train, (0.9, 0.1), cfg.seed)
+        if train.task != cfg.task:
+            raise ConfigError(f"task: {cfg.task_name or cfg.train} is a {train.task} task, not {cfg.task}")
+        if cfg.label_fraction < 1.0:
+            train = label_fraction(train, cfg.label_fraction, cfg.seed)
+        check_splits(train, dev, test)
+    except LabeledDataError as e:
+        raise ConfigError(str(e)) from None
+    return train, dev, test
+
+
+def resolve(cfg: FinetuneConfig) -> FinetuneTask:
+    """Read, check and tokenize the labeled data, write the training shards (before any Ray
+    work beyond this process), and build the task."""
+    from .data.loader import describe
+    from .labeled import label_names
+    from .train.launch import run_folder
+
+    if cfg.task_name:
+        from .labeled import BUILTIN_TASKS
+
+        if cfg.task_name not in BUILTIN_TASKS:
+            raise ConfigError(f"task_name: unknown built-in task {cfg.task_name!r} "
+                              f"(choose from {', '.join(BUILTIN_TASKS)})")
+        cfg = dataclasses.replace(cfg, task=BUILTIN_TASKS[cfg.task_name])
+    cfg = cfg.absolute()
+    tok_folder, enc_cfg = _init_source(cfg)
+    if cfg.max_seq_len > enc_cfg.max_position_embeddings:
+        raise ConfigError(f"max_seq_len ({cfg.max_seq_len}) exceeds the model's max_position_embeddings "
+                          f"({enc_cfg.max_position_embeddings})")
+    train, dev, test = load_sets(cfg)
+    labels = label_names(train)
+    label2id = {lab: i for i, lab in enumerate(labels)}
+    tok = tokenizer_for(tok_folder, cfg.max_seq_len)
+    if tok.get_vocab_size(with_added_tokens=True) > enc_cfg.vocab_size:
+        raise ConfigError(f"init: the tokenizer in {tok_folder} has more ids than the model's vocab_size "
+                          f"({enc_cfg.vocab_size})")
+    train_split, dev_split = tokenize(train, tok, label2id), tokenize(dev, tok, label2id)
+    unit = cfg.batch_size_per_worker * cfg.num_workers
+    if len(train_split.input_ids) < unit:
+        raise ConfigError(f"train: {len(train_split.input_ids)} examples, fewer than one global batch "
+                          f"({cfg.batch_size_per_worker} x {cfg.num_workers} workers)")
+    per_epoch = len(train_split.input_ids) // cfg.num_workers // cfg.batch_size_per_worker // cfg.accumulation
+    changes: dict[str, Any] = {"task": cfg.task}
+    if cfg.epochs:
+        changes["max_steps"] = max(1, math.ceil(cfg.epochs * per_epoch))
+    if not cfg.checkpoint_every:
+        changes["checkpoint_every"] = max(1, per_epoch // 4)
+    cfg = dataclasses.replace(cfg, **changes)
+    run_dir = run_folder(cfg)
+    files = write_shards(train_split, join_path(run_dir, "data"), cfg.task)
+    provenance = {"init": cfg.init, "like": cfg.like, "train": train.source, "dev": dev.source,
+                  "test": test.source if test else None, "train_examples": len(train), "dev_examples": len(dev),
+                  "labels": labels, "truncated": {"train": train_split.truncated, "dev": dev_split.truncated},
+                  "skipped": {"train": train.skipped, "dev": dev.skipped}}
+    write_atomic(join_path(run_dir, "data", "manifest.json"), json.dumps(provenance, indent=2).encode())
+    return FinetuneTask(cfg, describe(files), dev_split, labels, tok_folder, enc_cfg, provenance)
+
+
+@dataclass
+class FinetuneResult:
+    train: TrainResult
+    model_dir: str | None
+    test: dict | None  # the test report of the exported model
+
+
+def finetune(cfg: FinetuneConfig, resume=None, progress: bool = True, log=print, callbacks=()) -> FinetuneResult:
+    task = resolve(cfg)
+    log(f"cloze finetune: {task.provenance['train_examples']} training / {task.provenance['dev_examples']} dev "
+        f"examples, {len(task.labels)} labels, {task.config.max_steps} steps, init {task.config.init}")
+    result = fit(task, resume=resume, progress=progress, log=log, callbacks=callbacks)
+    test_report = None
+    if result.model_dir and (task.config.test or task.config.task_name) and "://" not in result.model_dir:
+        from .evaluate import evaluate_folder
+
+        _, _, test = load_sets(task.config)
+        if test is not None:
+            test_report = evaluate_folder(result.model_dir, test, output=str(Path(result.run_dir) / "test"))
+    return FinetuneResult(result, result.model_dir, test_report)

