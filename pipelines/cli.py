@@ -232,7 +232,12 @@ def cmd_finetune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             out = Path(args.output).expanduser().resolve()
             extra.update({"finetune.output": str(out), "finetune.storage_path": str(out.parent),
                           "finetune.name": out.name + ".run"})
-        config = FinetuneConfig.from_toml(args.config, {**extra, **overrides})
+        if args.resume:
+            if args.config or overrides or extra:
+                raise ConfigError("--resume continues a run with its saved config: no other options")
+            config = None
+        else:
+            config = FinetuneConfig.from_toml(args.config, {**extra, **overrides})
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         result = finetune(config, resume=args.resume)
     except ConfigError as e:

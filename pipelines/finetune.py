@@ -13,6 +13,7 @@ after `patience` evaluations without improvement) as an HF `BertForSequenceClass
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -75,6 +76,11 @@ class FinetuneConfig(TrainConfig):
                 raise ConfigError(f"{key} {why}, got {getattr(self, key)!r}")
         if bool(self.task_name) == bool(self.train):
             raise ConfigError("give either train (a labeled file) or task_name (a built-in task)")
+        metrics = ("eval/f1", "eval/accuracy") if self.task == "sequence" else ("eval/f1", "eval/precision",
+                                                                                 "eval/recall")
+        if self.select_metric and self.select_metric not in metrics:
+            raise ConfigError(f"select_metric must be one of {', '.join(metrics)} (or \"\" for the last "
+                              f"weights), got {self.select_metric!r}")
         if self.init == "random" and not (self.like or self.tokenizer):
             raise ConfigError('init = "random" needs like (a model folder to copy the shape and tokenizer of) '
                               'or tokenizer (+ the [model] table)')
@@ -107,9 +113,24 @@ class Classify(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: dict) -> ObjectiveOutput:
-        out = self.model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch["labels"])
+    def forward(self, batch: dict):
+        """ObjectiveOutput(loss, metrics) with labels; the classifier's output (logits) without."""
+        out = self.model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch.get("labels"))
+        if "labels" not in batch:
+            return out
         return ObjectiveOutput(out.loss, {"loss": out.loss.detach(), **{f"cls/{k}": v for k, v in out.metrics.items()}})
+
+
+def model_folder(path: str, key: str) -> str:
+    """A model folder (config.json + model.safetensors); a run folder stands for its `model/`."""
+    p = Path(path)
+    if not (p / "model.safetensors").is_file() and (p / "model" / "model.safetensors").is_file():
+        p = p / "model"  # a cloze run folder (cloze pretrain / cloze run)
+    if not (p / "config.json").is_file() or not (p / "model.safetensors").is_file():
+        raise ConfigError(f"{key}: {path} is not a model folder (needs config.json and model.safetensors)")
+    if not ((p / "vocab.txt").is_file() or (p / "tokenizer.json").is_file()):
+        raise ConfigError(f"{key}: {path} has no tokenizer (vocab.txt or tokenizer.json)")
+    return str(p)
 
 
 def _init_source(cfg: FinetuneConfig) -> tuple[str, EncoderConfig]:
@@ -117,8 +138,6 @@ def _init_source(cfg: FinetuneConfig) -> tuple[str, EncoderConfig]:
     from .pretrain import init_config
 
     if cfg.init != "random":
-        if not Path(cfg.init, "config.json").is_file():
-            raise ConfigError(f"init: {cfg.init} is not a model folder (no config.json)")
         return cfg.init, init_config(cfg.init)
     if cfg.like:
         return cfg.like, init_config(cfg.like)
@@ -221,13 +240,18 @@ class FinetuneTask(Task):
         cfg = self.config
         id2label = dict(enumerate(self.labels))
         frozen = cfg.mode == "frozen"
-        if cfg.init != "random":
+        cls = SequenceClassifier if cfg.task == "sequence" else TokenClassifier
+        encoder = Encoder(self.encoder_config)
+        if cfg.init != "random":  # the init's encoder (and pooler); any head it has is dropped: ours starts fresh
             from encoder.hf import load_pretrained
 
-            return load_pretrained(cfg.init, kind=cfg.task, num_labels=len(self.labels), id2label=id2label,
-                                   frozen=frozen)
-        cls = SequenceClassifier if cfg.task == "sequence" else TokenClassifier
-        return cls(Encoder(self.encoder_config), len(self.labels), id2label, frozen=frozen)
+            encoder = load_pretrained(cfg.init, kind="encoder")
+        if cfg.task == "token":
+            encoder.pooler = None  # a token classifier has no use for BERT's pooler
+        model = cls(encoder, len(self.labels), id2label, frozen=frozen)
+        if frozen and model.encoder.pooler is not None:
+            model.encoder.pooler.requires_grad_(True)  # part of the head: a frozen encoder's pooler still trains
+        return model
 
     def build_model(self) -> Classify:
         return Classify(self.classifier())
@@ -238,10 +262,13 @@ class FinetuneTask(Task):
         head_lr = cfg.head_lr or cfg.optimizer.lr
         groups: dict[tuple[bool, bool], list] = {}
         for name, p in model.named_parameters():
-            if p.requires_grad:
-                groups.setdefault((".encoder." in f".{name}", p.ndim >= 2), []).append(p)
+            if p.requires_grad:  # the pooler belongs to the head (BERT's classification head uses it)
+                encoder = ".encoder." in f".{name}" and ".pooler." not in f".{name}"
+                groups.setdefault((encoder, p.ndim >= 2), []).append(p)
+        # encoder groups first: the core logs the first group's lr
         return [{"params": ps, "weight_decay": cfg.optimizer.weight_decay if matrix else 0.0,
-                 "lr": cfg.optimizer.lr if enc else head_lr} for (enc, matrix), ps in sorted(groups.items())]
+                 "lr": cfg.optimizer.lr if enc else head_lr}
+                for (enc, matrix), ps in sorted(groups.items(), reverse=True)]
 
     def reader(self, rank: int, world: int):
         from .data.loader import RankReader
@@ -274,7 +301,9 @@ class FinetuneTask(Task):
 
     def predict(self, model, split: Split, rank: int, world: int, device) -> list:
         """Predictions of this rank's examples (i % world == rank), gathered on every rank in
-        example order; every rank runs the same number of forwards (ZeRO-3)."""
+        example order; every rank runs the same number of forwards through the engine (ZeRO-3)."""
+        from .inference import word_tags
+
         B = self.config.batch_size_per_worker
         mine = list(range(rank, len(split.input_ids), world))
         n_batches = math.ceil(math.ceil(len(split.input_ids) / world) / B)
@@ -282,28 +311,22 @@ class FinetuneTask(Task):
         model.eval()
         with torch.no_grad():
             for b in range(n_batches):
-                idx = mine[b * B:(b + 1) * B] or mine[:1] or [0]  # a rank short of examples repeats one
+                part = mine[b * B:(b + 1) * B]
+                idx = part or [0]  # a rank short of examples runs one more forward, discarded
                 batch = pad_batch([split.input_ids[i] for i in idx], [split.token_type_ids[i] for i in idx],
                                   self.encoder_config.pad_token_id)
-                inner = model.module.model if hasattr(model, "module") else model.model
-                logits = inner(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids"))
-                               ).logits.argmax(-1).cpu()
-                for j, i in enumerate(idx):
-                    if i in mine[b * B:(b + 1) * B]:
-                        preds[i] = logits[j].tolist()
+                best = model({k: v.to(device) for k, v in batch.items()}).logits.argmax(-1).cpu()
+                for j, i in enumerate(part):
+                    if self.config.task == "sequence":
+                        preds[i] = self.labels[int(best[j])]
+                    else:
+                        preds[i] = word_tags(split.first_piece[i], best[j].tolist(), self.labels)
         model.train()
         if world > 1:
             gathered: list = [None] * world
             torch.distributed.all_gather_object(gathered, preds)
             preds = {k: v for part in gathered for k, v in part.items()}
-        out = []
-        for i in range(len(split.input_ids)):
-            if self.config.task == "sequence":
-                out.append(self.labels[preds[i]])
-            else:
-                tags = [self.labels[preds[i][p]] for p in split.first_piece[i]]
-                out.append(tags + ["O"] * (len(split.gold[i]) - len(tags)))
-        return out
+        return [preds[i] for i in range(len(split.input_ids))]
 
     def evaluate(self, model, rank: int, world: int, device) -> dict[str, float]:
         report = scores(self.config.task, self.dev.gold, self.predict(model, self.dev, rank, world, device),
@@ -360,12 +383,28 @@ def load_sets(cfg: FinetuneConfig):
     return train, dev, test
 
 
-def resolve(cfg: FinetuneConfig) -> FinetuneTask:
+def _check_output(cfg: FinetuneConfig) -> None:
+    """--output must be new, or a model folder an earlier run of this same run folder wrote:
+    it is replaced at the end, so it must never be a folder of anything else."""
+    if not cfg.output or "://" in cfg.output or not Path(cfg.output).exists():
+        return
+    out = Path(cfg.output)
+    info = out / "cloze.json"
+    if info.is_file():
+        meta = json.loads(info.read_text()).get("metadata", {}).get("finetune_config", {})
+        if (meta.get("storage_path"), meta.get("name")) == (cfg.storage_path, cfg.name):
+            return
+    raise ConfigError(f"output: {cfg.output} already exists and is not this run's model folder: pick a new path "
+                      f"(it would be replaced)")
+
+
+def resolve(cfg: FinetuneConfig, resume: bool = False) -> FinetuneTask:
     """Read, check and tokenize the labeled data, write the training shards (before any Ray
-    work beyond this process), and build the task."""
+    work beyond this process), and build the task. A resumed run must see the same data."""
     from .data.loader import describe
     from .labeled import label_names
-    from .train.launch import run_folder
+    from .storage import read_bytes
+    from .train.launch import has_checkpoints, run_folder
 
     if cfg.task_name:
         from .labeled import BUILTIN_TASKS
@@ -375,7 +414,20 @@ def resolve(cfg: FinetuneConfig) -> FinetuneTask:
                               f"(choose from {', '.join(BUILTIN_TASKS)})")
         cfg = dataclasses.replace(cfg, task=BUILTIN_TASKS[cfg.task_name])
     cfg = cfg.absolute()
-    tok_folder, enc_cfg = _init_source(cfg)
+    if cfg.init != "random":
+        cfg = dataclasses.replace(cfg, init=model_folder(cfg.init, "init"))
+    if cfg.like:
+        cfg = dataclasses.replace(cfg, like=model_folder(cfg.like, "like"))
+    run_dir = run_folder(cfg)
+    if not resume and has_checkpoints(run_dir):
+        raise ConfigError(f"run folder {run_dir} already has checkpoints: pass --resume {run_dir} or pick another "
+                          f"--output / name")
+    _check_output(cfg)
+    try:
+        tok_folder, enc_cfg = _init_source(cfg)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"init: cannot read the model in {cfg.init if cfg.init != 'random' else cfg.like}: "
+                          f"{e}") from None
     if cfg.max_seq_len > enc_cfg.max_position_embeddings:
         raise ConfigError(f"max_seq_len ({cfg.max_seq_len}) exceeds the model's max_position_embeddings "
                           f"({enc_cfg.max_position_embeddings})")
@@ -398,13 +450,31 @@ def resolve(cfg: FinetuneConfig) -> FinetuneTask:
     if not cfg.checkpoint_every:
         changes["checkpoint_every"] = max(1, per_epoch // 4)
     cfg = dataclasses.replace(cfg, **changes)
-    run_dir = run_folder(cfg)
-    files = write_shards(train_split, join_path(run_dir, "data"), cfg.task)
+    if cfg.init != "random":  # the init loads, on this machine, before any worker tries
+        try:
+            from encoder.hf import load_pretrained
+
+            load_pretrained(cfg.init, kind="encoder")
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"init: {cfg.init} does not load as a BERT encoder: {e}") from None
+    digest = hashlib.sha256()
+    for ids, lab in zip(train_split.input_ids, train_split.labels):
+        digest.update(np.asarray(ids).tobytes() + np.asarray(lab).tobytes())
     provenance = {"init": cfg.init, "like": cfg.like, "train": train.source, "dev": dev.source,
                   "test": test.source if test else None, "train_examples": len(train), "dev_examples": len(dev),
                   "labels": labels, "truncated": {"train": train_split.truncated, "dev": dev_split.truncated},
-                  "skipped": {"train": train.skipped, "dev": dev.skipped}}
-    write_atomic(join_path(run_dir, "data", "manifest.json"), json.dumps(provenance, indent=2).encode())
+                  "skipped": {"train": train.skipped, "dev": dev.skipped}, "examples_sha256": digest.hexdigest()}
+    data_dir = join_path(run_dir, "data")
+    old = read_bytes(join_path(data_dir, "manifest.json"))
+    if resume and old is not None:
+        before = json.loads(old)
+        if (before.get("examples_sha256"), before.get("labels")) != (provenance["examples_sha256"], labels):
+            raise ConfigError(f"resume: the training data or labels differ from what {run_dir} was started with")
+        files = [join_path(data_dir, f"part-{s:05d}.parquet")
+                 for s in range(math.ceil(len(train_split.input_ids) / SHARD_ROWS))]
+    else:
+        files = write_shards(train_split, data_dir, cfg.task)
+        write_atomic(join_path(data_dir, "manifest.json"), json.dumps(provenance, indent=2).encode())
     return FinetuneTask(cfg, describe(files), dev_split, labels, tok_folder, enc_cfg, provenance)
 
 
@@ -415,8 +485,21 @@ class FinetuneResult:
     test: dict | None  # the test report of the exported model
 
 
+def load_run_config(run_dir: str) -> FinetuneConfig:
+    """The config a fine-tuning run folder was started with (for --resume)."""
+    from .storage import read_bytes
+
+    body = read_bytes(join_path(str(run_dir), "config.json"))
+    if body is None:
+        raise ConfigError(f"resume: {run_dir} is not a run folder (no config.json)")
+    return FinetuneConfig.from_dict(json.loads(body))
+
+
 def finetune(cfg: FinetuneConfig, resume=None, progress: bool = True, log=print, callbacks=()) -> FinetuneResult:
-    task = resolve(cfg)
+    """`resume`: a run folder to continue (its saved config is used; `cfg` may be None)."""
+    if resume is not None:
+        cfg = load_run_config(str(resume))
+    task = resolve(cfg, resume=resume is not None)
     log(f"cloze finetune: {task.provenance['train_examples']} training / {task.provenance['dev_examples']} dev "
         f"examples, {len(task.labels)} labels, {task.config.max_steps} steps, init {task.config.init}")
     result = fit(task, resume=resume, progress=progress, log=log, callbacks=callbacks)

@@ -25,7 +25,7 @@ IGNORE = -100
 class Encoded:
     input_ids: list[np.ndarray]
     token_type_ids: list[np.ndarray]
-    first_piece: list[list[int]]  # token task: position of each kept word's first piece
+    first_piece: list[list[int]]  # token task: per word, the position of its first piece (-1: no piece kept)
     truncated: list[bool]
 
 
@@ -47,18 +47,19 @@ def encode_sequences(tok, texts: Sequence[str], texts_b: Sequence[str] | None = 
 
 
 def encode_words(tok, sentences: Sequence[Sequence[str]]) -> Encoded:
+    """Words -> pieces; each word's first piece found by its word id (a word the normalizer
+    empties, e.g. a zero-width space, has no piece and shifts nothing)."""
     encs = tok.encode_batch([list(s) for s in sentences], is_pretokenized=True)
     firsts = []
-    for e in encs:
-        seen, first = set(), []
+    for e, words in zip(encs, sentences):
+        first = [-1] * len(words)
         for pos, w in enumerate(e.word_ids):
-            if w is not None and w not in seen:
-                seen.add(w)
-                first.append(pos)
+            if w is not None and first[w] < 0:
+                first[w] = pos
         firsts.append(first)
     return Encoded([np.asarray(e.ids, dtype=np.int32) for e in encs],
                    [np.asarray(e.type_ids, dtype=np.int8) for e in encs], firsts,
-                   [len(f) < len(s) for f, s in zip(firsts, sentences)])
+                   [bool(e.overflowing) for e in encs])
 
 
 def token_labels(enc: Encoded, tags: Sequence[Sequence[str]], label2id: dict[str, int]) -> list[np.ndarray]:
@@ -67,9 +68,15 @@ def token_labels(enc: Encoded, tags: Sequence[Sequence[str]], label2id: dict[str
     for ids, first, sent in zip(enc.input_ids, enc.first_piece, tags):
         lab = np.full(len(ids), IGNORE, dtype=np.int32)
         for w, pos in enumerate(first):
-            lab[pos] = label2id[sent[w]]
+            if pos >= 0:
+                lab[pos] = label2id[sent[w]]
         out.append(lab)
     return out
+
+
+def word_tags(first: Sequence[int], piece_pred: Sequence[int], labels: Sequence[str]) -> list[str]:
+    """Word-level tags from per-piece predictions: the first piece's; "O" for a word without one."""
+    return [labels[piece_pred[p]] if p >= 0 else "O" for p in first]
 
 
 def pad_batch(input_ids: Sequence[np.ndarray], token_type_ids: Sequence[np.ndarray], pad_id: int,
@@ -90,15 +97,20 @@ class Predictor:
     """A classifier folder (cloze or HF `BertFor{Sequence,Token}Classification`) ready to predict."""
 
     def __init__(self, folder: str, max_seq_len: int | None = None, batch_size: int = 32):
+        import json
+
         from encoder.hf import load_pretrained
 
         self.folder = str(folder)
+        info = Path(folder, "cloze.json")
+        trained = json.loads(info.read_text()).get("metadata", {}).get("finetune_config", {}) if info.is_file() else {}
         self.model = load_pretrained(folder).eval()
         self.kind = "token" if type(self.model).__name__ == "TokenClassifier" else "sequence"
         if type(self.model).__name__ not in ("SequenceClassifier", "TokenClassifier"):
             raise ValueError(f"{folder} holds no sequence or token classifier")
         self.labels = [self.model.id2label[i] for i in range(self.model.num_labels)]
-        self.max_seq_len = max_seq_len or min(512, self.model.config.max_position_embeddings)
+        # the length it was fine-tuned (and selected) at, else the model's limit
+        self.max_seq_len = max_seq_len or trained.get("max_seq_len") or min(512, self.model.config.max_position_embeddings)
         self.tok = tokenizer_for(self.folder, self.max_seq_len)
         self.pad_id = self.model.config.pad_token_id
         self.batch_size = batch_size
@@ -129,10 +141,8 @@ class Predictor:
         """Word-level tags; words past max_seq_len get "O"."""
         enc = encode_words(self.tok, sentences)
         out = []
-        for row, first, words in zip(self.logits(enc), enc.first_piece, sentences):
-            pred = row.argmax(-1).tolist()
-            tags = [self.labels[pred[p]] for p in first]
-            out.append(tags + ["O"] * (len(words) - len(tags)))
+        for row, first in zip(self.logits(enc), enc.first_piece):
+            out.append(word_tags(first, row.argmax(-1).tolist(), self.labels))
         return out
 
 

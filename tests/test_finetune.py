@@ -131,13 +131,18 @@ def test_frozen_mode_trains_only_the_head(ray_cluster, tiny_init, topics, tmp_pa
 
     from pipelines.finetune import finetune
 
+    # the last weights are exported (no model selection): they are the trained ones, never step 0's
     result = finetune(config(tmp_path, train=topics["train"], init=tiny_init, mode="frozen", max_steps=4,
-                             checkpoint_every=2, output=str(tmp_path / "frozen")), progress=False)
+                             checkpoint_every=2, select_metric="", patience=0, output=str(tmp_path / "frozen")),
+                      progress=False)
     before, after = load_file(str(Path(tiny_init) / "model.safetensors")), load_file(str(tmp_path / "frozen" /
                                                                                           "model.safetensors"))
     for key in ("embeddings.word_embeddings.weight", "encoder.layer.1.output.dense.weight"):
         assert torch.equal(before[key], after["bert." + key]), key  # the encoder did not move
-    assert "classifier.weight" in after and result.model_dir
+    # the head trained: the pooler (part of BERT's classification head) moved away from the init's
+    assert not torch.equal(before["pooler.dense.weight"], after["bert.pooler.dense.weight"])
+    meta = json.loads((tmp_path / "frozen" / "cloze.json").read_text())["metadata"]
+    assert meta["dev_metrics"]["step"] == 4 and result.model_dir
 
 
 def test_token_classifier_on_conll_exports_and_agrees_with_transformers(ray_cluster, tiny_init, tmp_path):
@@ -188,6 +193,11 @@ def test_early_stopping_when_dev_f1_stops_improving(ray_cluster, tiny_init, topi
     assert [int(e["step"]) for e in evals] == [0, 2, 4]  # two evaluations without improvement, then stop
     assert result.train.metrics["step"] == 4 and result.train.metrics.get("early_stopped") == 1.0
     assert result.model_dir
+    # resuming a run that stopped early trains no further and evaluates no more
+    again = finetune(None, resume=result.train.run_dir, progress=False)
+    assert again.train.resumed_from.endswith("checkpoint_00000004")
+    assert [int(e["step"]) for e in read_metrics(result.train.run_dir, "eval.csv")] == [0, 2, 4]
+    assert again.model_dir == result.model_dir
 
 
 def test_bad_input_is_rejected_before_ray(tmp_path, topics, tiny_init, capsys):
@@ -202,5 +212,14 @@ def test_bad_input_is_rejected_before_ray(tmp_path, topics, tiny_init, capsys):
     assert "label" in capsys.readouterr().err
     assert main(["finetune", "--train", topics["train"], "--init", "random", "--output", str(tmp_path / "z")]) == 2
     assert "like" in capsys.readouterr().err
+    keep = tmp_path / "mine"  # an existing folder that is not this run's model: never replaced
+    keep.mkdir()
+    (keep / "notes.txt").write_text("precious")
+    assert main(["finetune", "--train", topics["train"], "--init", tiny_init, "--output", str(keep)]) == 2
+    assert "already exists and is not this run's model folder" in capsys.readouterr().err
+    assert (keep / "notes.txt").read_text() == "precious"
+    assert main(["finetune", "--train", topics["train"], "--init", tiny_init, "--output", str(tmp_path / "w"),
+                 "--finetune.select_metric", "eval/macro_f1"]) == 2
+    assert "select_metric must be one of" in capsys.readouterr().err
     assert not (tmp_path / "x.run").exists() and not (tmp_path / "y.run").exists()
     shutil.rmtree(tmp_path / "runs", ignore_errors=True)

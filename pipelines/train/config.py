@@ -71,7 +71,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_failures: int = 0  # worker failures Ray Train recovers from (from the last checkpoint)
     eval_batches: int = 8  # held-out global batches per evaluation
-    # model selection: keep the weights of the best evaluation of this metric (e.g. "eval/macro_f1",
+    # model selection: keep the weights of the best evaluation of this metric (e.g. "eval/f1",
     # higher is better; a name ending in "loss" is lower-better) as the export; "" = the last weights
     select_metric: str = ""
     patience: int = 0  # evaluations without improvement of select_metric before stopping; 0 = never stop early

@@ -201,7 +201,8 @@ def train_loop_per_worker(config: dict) -> None:
     host = {"tokens": 0.0, "samples": 0.0, "flops": 0.0, "steps": 0}
     interval_start = time.perf_counter()  # wall clock of the steps since the last metric row
     engine.train()
-    while step < cfg.max_steps and not (cfg.max_tokens and tokens_seen >= cfg.max_tokens):
+    finished = bool(state.get("early_stopped"))  # a resumed run that had stopped early trains no more
+    while step < cfg.max_steps and not (cfg.max_tokens and tokens_seen >= cfg.max_tokens) and not finished:
         lr = schedule.get_last_lr()[0]
         stop = agree(any(cb.wants_stop(step + 1) for cb in callbacks)) if callbacks else False
         checkpoint_now = bool(cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
@@ -255,11 +256,13 @@ def train_loop_per_worker(config: dict) -> None:
         done = step >= cfg.max_steps or (cfg.max_tokens and tokens_seen >= cfg.max_tokens)
         if done or stop or checkpoint_now:
             metrics.update(held_out_eval(step))
-            if cfg.patience and best.get("bad", 0) >= cfg.patience:
+            early = bool(cfg.patience and best.get("bad", 0) >= cfg.patience)
+            if early:
                 done = True  # early stop: every rank saw the same (all-reduced) evaluation
                 metrics["early_stopped"] = 1.0
             state = {"step": step, "epoch": epoch, "index": index + 1, "tokens": tokens_seen,
-                     "samples": samples_seen, "world_size": world, "metrics": metrics, "best": best}
+                     "samples": samples_seen, "world_size": world, "metrics": metrics, "best": best,
+                     "early_stopped": early}
             sync()  # before the checkpoint counts: a restart never lacks the rows before it
             with tempfile.TemporaryDirectory(prefix="cloze-ckpt-") as tmp:
                 save_checkpoint(engine, Path(tmp), state, rank, task.locate(rank, world, epoch, index + 1))
