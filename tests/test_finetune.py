@@ -223,3 +223,19 @@ def test_bad_input_is_rejected_before_ray(tmp_path, topics, tiny_init, capsys):
     assert "select_metric must be one of" in capsys.readouterr().err
     assert not (tmp_path / "x.run").exists() and not (tmp_path / "y.run").exists()
     shutil.rmtree(tmp_path / "runs", ignore_errors=True)
+
+
+def test_random_init_takes_the_shape_and_tokenizer_of_like(tiny_init, topics, tmp_path):
+    """The baseline: the same shape and vocabulary as the pretrained folder, fresh weights."""
+    from safetensors.torch import load_file
+
+    from pipelines.finetune import resolve
+
+    task = resolve(config(tmp_path, train=topics["train"], init="random", like=tiny_init))
+    assert task.encoder_config.hidden_size == 64 and task.encoder_config.vocab_size == 30522
+    assert task.tokenizer == tiny_init
+    torch.manual_seed(task.config.seed)  # as the core seeds every rank (the fixture's folder was drawn with seed 0)
+    model = task.build_model()
+    init = load_file(str(Path(tiny_init) / "model.safetensors"))
+    assert not torch.equal(model.model.encoder.embeddings.word_embeddings.weight,
+                           init["embeddings.word_embeddings.weight"])  # fresh, not the pretrained weights
