@@ -10,7 +10,7 @@ from pathlib import Path
 
 def evaluate_folder(model_dir: str, labeled, output: str | None = None) -> dict:
     """The report of `model_dir` on a LabeledSet; written to `output` (a folder) when given."""
-    from .finetune import scores
+    from .finetune_data import scores
     from .inference import Predictor
     from .quality import confusion_png, report_markdown
 

@@ -27,12 +27,10 @@ from encoder import Encoder, EncoderConfig
 from encoder.objective import ObjectiveOutput
 
 from .config import ConfigError, apply_overrides, build_dataclass, load_toml
-from .inference import IGNORE, encode_sequences, encode_words, pad_batch, token_labels, tokenizer_for
+from .finetune_data import SHARD_ROWS, Split, collate, load_sets, scores, tokenize, write_shards  # noqa: F401
+from .inference import pad_batch, tokenizer_for
 from .storage import join_path, write_atomic
 from .train import Task, TrainConfig, TrainResult, fit
-
-SHARD_ROWS = 4096
-
 
 @dataclass(frozen=True, kw_only=True)
 class FinetuneConfig(TrainConfig):
@@ -145,76 +143,6 @@ def _init_source(cfg: FinetuneConfig) -> tuple[str, EncoderConfig]:
 
     vocab = load_tokenizer(cfg.tokenizer).get_vocab_size(with_added_tokens=True)
     return cfg.tokenizer, EncoderConfig.from_dict({"preset": "tiny", **cfg.model, "vocab_size": vocab}, prefix="model.")
-
-
-# ------------------------------------------------------------------ data
-
-@dataclass
-class Split:
-    """A tokenized labeled set: model inputs, label ids, and what decoding needs."""
-
-    input_ids: list[np.ndarray]
-    token_type_ids: list[np.ndarray]
-    labels: list  # sequence: int per example; token: per-piece ids (-100 off first pieces)
-    gold: list  # sequence: label strings; token: word tag lists
-    first_piece: list[list[int]]
-    truncated: int
-
-
-def tokenize(ds, tok, label2id: dict[str, int]) -> Split:
-    if ds.task == "sequence":
-        enc = encode_sequences(tok, ds.texts, ds.texts_b)
-        labels = [label2id[lab] for lab in ds.labels]
-    else:
-        enc = encode_words(tok, ds.tokens)
-        labels = token_labels(enc, ds.labels, label2id)
-    return Split(enc.input_ids, enc.token_type_ids, labels, list(ds.labels), enc.first_piece, sum(enc.truncated))
-
-
-def write_shards(split: Split, folder: str, task: str) -> list[str]:
-    """The training examples as Parquet shards (row groups of 1024) under `folder`."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from .storage import filesystem
-
-    fs, root = filesystem(folder)
-    fs.create_dir(root, recursive=True)
-    files = []
-    label_type = pa.int32() if task == "sequence" else pa.list_(pa.int32())
-    for s, start in enumerate(range(0, len(split.input_ids), SHARD_ROWS)):
-        end = start + SHARD_ROWS
-        table = pa.table({"input_ids": pa.array(split.input_ids[start:end], pa.list_(pa.int32())),
-                          "token_type_ids": pa.array(split.token_type_ids[start:end], pa.list_(pa.int8())),
-                          "labels": pa.array(split.labels[start:end], label_type)})
-        name = f"part-{s:05d}.parquet"
-        pq.write_table(table, f"{root}/{name}", filesystem=fs, row_group_size=1024, compression="zstd")
-        files.append(join_path(folder, name))
-    return files
-
-
-def collate(rows: Mapping[str, list], pad_id: int, task: str) -> dict[str, torch.Tensor]:
-    from .data.collate import pad_rows
-
-    batch = pad_batch([np.asarray(x) for x in rows["input_ids"]], [np.asarray(x) for x in rows["token_type_ids"]],
-                      pad_id)
-    if task == "sequence":
-        batch["labels"] = torch.as_tensor(np.asarray(rows["labels"], dtype=np.int64))
-    else:
-        batch["labels"] = pad_rows([np.asarray(x) for x in rows["labels"]], IGNORE, 8)
-    return batch
-
-
-def scores(kind: str, gold: list, pred: list, labels: list[str]) -> dict[str, Any]:
-    """The evaluation report: sequence -> accuracy, macro-F1, per class, confusion; token ->
-    entity precision / recall / F1 (overall and per type)."""
-    from .quality import classification_report, entity_report
-
-    if kind == "sequence":
-        report = classification_report(gold, pred, labels)
-        return {"f1": report["macro_f1"], **report}
-    report = entity_report(gold, pred)
-    return {"f1": report["overall"]["f1"], **report}
 
 
 # ------------------------------------------------------------------ the task
@@ -358,30 +286,6 @@ class FinetuneTask(Task):
 
 
 # ------------------------------------------------------------------ driver
-
-def load_sets(cfg: FinetuneConfig):
-    """(train, dev, test) LabeledSets, checked (LabeledDataError -> ConfigError)."""
-    from .labeled import (LabeledDataError, builtin_task, check_splits, label_fraction, read_labeled,
-                          stratified_split)
-
-    try:
-        if cfg.task_name:
-            train, dev, test = (builtin_task(cfg.task_name, s) for s in ("train", "dev", "test"))
-        else:
-            train = read_labeled(cfg.train, cfg.task)
-            dev = read_labeled(cfg.dev, cfg.task) if cfg.dev else None
-            test = read_labeled(cfg.test, cfg.task) if cfg.test else None
-            if dev is None:
-                train, dev = stratified_split(train, (0.9, 0.1), cfg.seed)
-        if train.task != cfg.task:
-            raise ConfigError(f"task: {cfg.task_name or cfg.train} is a {train.task} task, not {cfg.task}")
-        if cfg.label_fraction < 1.0:
-            train = label_fraction(train, cfg.label_fraction, cfg.seed)
-        check_splits(train, dev, test)
-    except LabeledDataError as e:
-        raise ConfigError(str(e)) from None
-    return train, dev, test
-
 
 def _check_output(cfg: FinetuneConfig) -> None:
     """--output must be new, or a model folder an earlier run of this same run folder wrote:
