@@ -1,7 +1,7 @@
 """EncoderConfig: the model's shape, with Hugging Face BERT field names so checkpoints map 1:1.
 
 Stdlib only. The generic TOML / override machinery of the pipeline stages lives in
-`pipelines.config`; this module only knows the model's shape.
+`pipelines.config`; it shares this module's table check and prefixed construction.
 """
 
 from __future__ import annotations
@@ -15,15 +15,32 @@ class ConfigError(ValueError):
     """A config key is unknown or its value is invalid; the message names the key."""
 
 
-def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
-    """`cls(**data)` with unknown keys and wrongly typed values named in a ConfigError."""
+def check_table(cls: type, data: Any, prefix: str) -> dict[str, Any]:
+    """The init fields of dataclass `cls` by name; a non-table or an unknown key is a
+    ConfigError naming it (shared with `pipelines.config.build_dataclass`)."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: expected a table, got {data!r}")
-    types = {f.name: f.type for f in fields(cls) if f.init}
-    unknown = sorted(set(data) - set(types))
+    known = {f.name: f for f in fields(cls) if f.init}
+    unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known keys under "
-                          f"{prefix.rstrip('.') or cls.__name__}: {', '.join(sorted(types))})")
+                          f"{prefix.rstrip('.') or cls.__name__}: {', '.join(sorted(known))})")
+    return known
+
+
+def construct(cls: type, kwargs: Mapping[str, Any], prefix: str) -> Any:
+    """`cls(**kwargs)`; a ConfigError from its checks is prefixed with the table's name."""
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        if prefix and not str(e).startswith(prefix):
+            raise ConfigError(f"{prefix}{e}") from None
+        raise
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    """`cls(**data)` with unknown keys and wrongly typed values named in a ConfigError."""
+    types = {name: f.type for name, f in check_table(cls, data, prefix).items()}
     kwargs = {}
     for name, value in data.items():
         want = {"int": int, "float": float, "str": str}[types[name]]
@@ -40,12 +57,7 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             raise ConfigError(f"{prefix}{name}: expected {'an integer' if want is int else 'a ' + want.__name__}, "
                               f"got {value!r}")
         kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        if prefix and not str(e).startswith(prefix):
-            raise ConfigError(f"{prefix}{e}") from None
-        raise
+    return construct(cls, kwargs, prefix)
 
 
 # Sizes of Google's BERT releases (layers x hidden, heads = hidden / 64, FFN = 4 x hidden).

@@ -10,11 +10,10 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 import typing
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from encoder.config import ConfigError
+from encoder.config import ConfigError, check_table, construct
 
 __all__ = ["ConfigError", "build_dataclass", "apply_overrides", "load_toml"]
 
@@ -81,16 +80,8 @@ def build_dataclass(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any
     Nested dataclass fields are built recursively from sub-tables. `prefix` is used only to
     name keys in errors (e.g. "model.hidden_size").
     """
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: expected a table, got {data!r}")
+    check_table(cls, data, prefix)
     hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in fields(cls) if f.init}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!s} (known keys under "
-            f"{prefix.rstrip('.') or cls.__name__}: {', '.join(sorted(known))})"
-        )
     kwargs = {}
     for name, value in data.items():
         typ = hints[name]
@@ -99,12 +90,7 @@ def build_dataclass(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any
             kwargs[name] = value if isinstance(value, typ) else build_dataclass(typ, value, key + ".")
         else:
             kwargs[name] = _coerce(key, value, typ)
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        if prefix and not str(e).startswith(prefix):
-            raise ConfigError(f"{prefix}{e}") from None
-        raise
+    return construct(cls, kwargs, prefix)
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict:
