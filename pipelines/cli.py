@@ -162,7 +162,7 @@ def _quiet_ray_data() -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    from .pretrain import PretrainConfig, load_run_config, pretrain
+    from .pretrain import PretrainConfig, pretrain
     from .train.metrics import held_out_summary
 
     try:
@@ -172,7 +172,7 @@ def cmd_pretrain(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         if args.resume:
             if args.config or overrides:
                 raise ConfigError("--resume continues a run with its saved config: no --config or overrides")
-            config = load_run_config(args.resume)
+            config = PretrainConfig.load_run(args.resume)
         else:
             config = PretrainConfig.from_toml(args.config, overrides)
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -30,7 +30,8 @@ from .config import ConfigError, apply_overrides, build_dataclass, load_toml
 from .finetune_data import SHARD_ROWS, Split, collate, load_sets, scores, tokenize, write_shards  # noqa: F401
 from .inference import pad_batch, tokenizer_for
 from .storage import join_path, write_atomic
-from .train import Task, TrainConfig, TrainResult, fit
+from .train import TrainConfig, TrainResult, fit
+from .train.task import ShardTask
 
 @dataclass(frozen=True, kw_only=True)
 class FinetuneConfig(TrainConfig):
@@ -147,20 +148,17 @@ def _init_source(cfg: FinetuneConfig) -> tuple[str, EncoderConfig]:
 
 # ------------------------------------------------------------------ the task
 
-class FinetuneTask(Task):
+class FinetuneTask(ShardTask):
     name = "finetune"
 
     def __init__(self, cfg: FinetuneConfig, shards, dev: Split, labels: list[str], tokenizer: str,
                  encoder_config: EncoderConfig, provenance: dict):
         self.config, self.shards, self.dev, self.labels = cfg, shards, dev, labels
         self.tokenizer, self.encoder_config, self.provenance = tokenizer, encoder_config, provenance
-        self._readers: dict = {}
+        self.columns = ["input_ids", "token_type_ids", "labels"]
 
     def input_paths(self) -> list[str]:
         return [p for p in (self.config.init if self.config.init != "random" else "", self.tokenizer) if p]
-
-    def hidden_size(self) -> int:
-        return self.encoder_config.hidden_size
 
     def classifier(self) -> torch.nn.Module:
         from encoder import SequenceClassifier, TokenClassifier
@@ -198,34 +196,9 @@ class FinetuneTask(Task):
                  "lr": cfg.optimizer.lr if enc else head_lr}
                 for (enc, matrix), ps in sorted(groups.items(), reverse=True)]
 
-    def reader(self, rank: int, world: int):
-        from .data.loader import RankReader
-
-        if (rank, world) not in self._readers:
-            cfg = self.config
-            self._readers[(rank, world)] = RankReader(self.shards, ["input_ids", "token_type_ids", "labels"],
-                                                      rank=rank, world=world, batch_size=cfg.batch_size_per_worker,
-                                                      seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)
-        return self._readers[(rank, world)]
-
-    def batches(self, rank: int, world: int, epoch: int, index: int):
-        from .data.loader import Prefetcher
-
+    def batch_maker(self, rank: int):
         pad, task = self.encoder_config.pad_token_id, self.config.task
-
-        def produce():
-            for e, i, rows in self.reader(rank, world).batches(epoch, index):
-                yield e, i, collate(rows, pad, task)
-
-        return Prefetcher(produce(), self.config.prefetch_batches)
-
-    def locate(self, rank: int, world: int, epoch: int, index: int) -> dict[str, Any]:
-        return self.reader(rank, world).locate(epoch, index)
-
-    def flops(self, batch: dict) -> float:
-        from encoder import flops_per_token
-
-        return float(batch["attention_mask"].sum()) * flops_per_token(self.encoder_config, batch["input_ids"].shape[1])
+        return lambda epoch, index, rows: collate(rows, pad, task)
 
     def predict(self, model, split: Split, rank: int, world: int, device) -> list:
         """Predictions of this rank's examples (i % world == rank), gathered on every rank in
@@ -389,20 +362,10 @@ class FinetuneResult:
     test: dict | None  # the test report of the exported model
 
 
-def load_run_config(run_dir: str) -> FinetuneConfig:
-    """The config a fine-tuning run folder was started with (for --resume)."""
-    from .storage import read_bytes
-
-    body = read_bytes(join_path(str(run_dir), "config.json"))
-    if body is None:
-        raise ConfigError(f"resume: {run_dir} is not a run folder (no config.json)")
-    return FinetuneConfig.from_dict(json.loads(body))
-
-
 def finetune(cfg: FinetuneConfig, resume=None, progress: bool = True, log=print, callbacks=()) -> FinetuneResult:
     """`resume`: a run folder to continue (its saved config is used; `cfg` may be None)."""
     if resume is not None:
-        cfg = load_run_config(str(resume))
+        cfg = FinetuneConfig.load_run(resume)
     task = resolve(cfg, resume=resume is not None)
     log(f"cloze finetune: {task.provenance['train_examples']} training / {task.provenance['dev_examples']} dev "
         f"examples, {len(task.labels)} labels, {task.config.max_steps} steps, init {task.config.init}")

@@ -18,14 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from encoder import EncoderConfig, Encoder, MultiObjective, flops_per_token, validate_weights
+from encoder import EncoderConfig, Encoder, MultiObjective, validate_weights
 
 from .config import ConfigError, apply_overrides, build_dataclass, load_toml
 from .data.collate import PretrainCollator
-from .data.loader import EVAL, Prefetcher, RankReader, describe, mix_seed, open_files, read_rows, to_model_rows
+from .data.manifest import read_manifest
+from .data.loader import EVAL, describe, mix_seed, open_files, read_rows, to_model_rows
 from .data.tokenizer import SpecialIds
 from .storage import join_path, read_bytes
-from .train import Callback, Task, TrainConfig, TrainResult, fit
+from .train import Callback, TrainConfig, TrainResult, fit
+from .train.task import ShardTask
 from .train.metrics import held_out_summary, read_metrics  # noqa: F401  (re-exported for callers)
 
 TOKEN_COLUMNS = ("input_ids", "token_type_ids", "mlm_labels")
@@ -120,25 +122,6 @@ def init_config(folder: str) -> EncoderConfig:
     raise ConfigError(f"init_from: {folder} is not a model folder (no config.json)")
 
 
-def load_run_config(run_dir: str | os.PathLike) -> PretrainConfig:
-    """The config a run folder (local or URI) was started with, re-rooted at where it is now."""
-    run_dir = str(run_dir)
-    body = read_bytes(join_path(run_dir, "config.json"))
-    if body is None:
-        raise ConfigError(f"resume: {run_dir} is not a run folder (no config.json)")
-    table = json.loads(body)
-    if "://" in run_dir:
-        from .storage import split_query
-
-        head, query = split_query(run_dir)
-        parent, _, name = head.rstrip("/").rpartition("/")
-        table.update(storage_path=parent + query, name=name)
-    else:
-        path = Path(run_dir).resolve()
-        table.update(storage_path=str(path.parent), name=path.name)
-    return PretrainConfig.from_dict(table)
-
-
 # ------------------------------------------------------------------ the data's truth
 
 def shard_files(data: str) -> list[str]:
@@ -164,11 +147,6 @@ def shard_files(data: str) -> list[str]:
     if not files:
         raise ConfigError(f"data: no .parquet shards under {data!r}")
     return files
-
-
-def read_manifest(folder: str) -> dict | None:
-    body = read_bytes(join_path(folder, "manifest.json"))
-    return json.loads(body) if body is not None else None
 
 
 def _agree(key: str, explicit: Any, data_value: Any, unset: Any) -> Any:
@@ -297,7 +275,7 @@ def resolve(cfg: PretrainConfig) -> "PretrainTask":
 
 # ------------------------------------------------------------------ the task
 
-class PretrainTask(Task):
+class PretrainTask(ShardTask):
     name = "pretrain"
 
     def __init__(self, cfg: PretrainConfig, shards, eval_files: list[str], columns: list[str],
@@ -305,14 +283,10 @@ class PretrainTask(Task):
         self.config, self.shards, self.eval_files, self.columns = cfg, shards, eval_files, columns
         self.eval_columns, self.continuation, self.data_vocab = eval_columns, continuation, data_vocab
         self.encoder_config = cfg.encoder_config()  # read once (with init_from: from disk)
-        self._readers: dict = {}
 
     def input_paths(self) -> list[str]:
         cfg = self.config
         return [p for p in (cfg.data, cfg.eval_data, cfg.init_from, cfg.tokenizer) if p]
-
-    def hidden_size(self) -> int:
-        return self.encoder_config.hidden_size
 
     def build_model(self) -> MultiObjective:
         """Fresh weights (the core seeds them), or an imported checkpoint whose missing heads start fresh."""
@@ -333,26 +307,14 @@ class PretrainTask(Task):
         return PretrainCollator(special, mask_prob=cfg.mask_prob, max_predictions=limit,
                                 whole_word_masking=cfg.whole_word_masking, continuation=self.continuation)
 
-    def reader(self, rank: int, world: int) -> RankReader:
-        if (rank, world) not in self._readers:
-            cfg = self.config
-            self._readers[(rank, world)] = RankReader(self.shards, self.columns, rank=rank, world=world,
-                                                      batch_size=cfg.batch_size_per_worker, seed=cfg.seed,
-                                                      shuffle_buffer=cfg.shuffle_buffer)
-        return self._readers[(rank, world)]
-
-    def batches(self, rank: int, world: int, epoch: int, index: int):
+    def batch_maker(self, rank: int):
         collate, cfg = self.collator(), self.config
 
-        def produce():
-            for e, i, rows in self.reader(rank, world).batches(epoch, index):
-                collate.generator.manual_seed(mix_seed(cfg.seed, 0, e, i, rank))
-                yield e, i, collate(to_model_rows(rows, cfg.max_seq_len, TOKEN_COLUMNS))
+        def make(epoch: int, index: int, rows: dict) -> dict:
+            collate.generator.manual_seed(mix_seed(cfg.seed, 0, epoch, index, rank))
+            return collate(to_model_rows(rows, cfg.max_seq_len, TOKEN_COLUMNS))
 
-        return Prefetcher(produce(), cfg.prefetch_batches)
-
-    def locate(self, rank: int, world: int, epoch: int, index: int) -> dict[str, Any]:
-        return self.reader(rank, world).locate(epoch, index)
+        return make
 
     def held_out(self, rank: int, world: int) -> list[dict]:
         """Up to eval_batches global batches of the held-out shards; this rank's slice of each,
@@ -371,10 +333,6 @@ class PretrainTask(Task):
             collate.generator.manual_seed(mix_seed(cfg.seed, EVAL, e, rank))
             out.append(collate(to_model_rows(mine, cfg.max_seq_len, TOKEN_COLUMNS)))
         return out
-
-    def flops(self, batch: dict) -> float:
-        n = float(batch["attention_mask"].sum())
-        return n * flops_per_token(self.encoder_config, batch["input_ids"].shape[1])
 
     def export(self, state, metrics, dest: str) -> None:
         from encoder.hf import save_pretrained

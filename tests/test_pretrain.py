@@ -155,12 +155,10 @@ def test_cli_rejects_bad_config_before_ray(capsys):
 
 
 def test_run_config_reloads_where_the_folder_is(tmp_path):
-    from pipelines.pretrain import load_run_config
-
     cfg = config(zero_stage=3, name="a", storage_path="elsewhere")
     (tmp_path / "moved").mkdir()
     (tmp_path / "moved" / "config.json").write_text(json.dumps(cfg.to_dict()))
-    again = load_run_config(tmp_path / "moved")
+    again = PretrainConfig.load_run(tmp_path / "moved")
     assert again.zero_stage == 3 and again.name == "moved" and again.storage_path == str(tmp_path)
     assert again.encoder_config() == cfg.encoder_config()
 

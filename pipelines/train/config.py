@@ -5,6 +5,7 @@ that adds its own fields; `build_dataclass` names a bad key as `<table>.<key>`."
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +131,26 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, table: Mapping[str, Any], prefix: str = ""):
         return build_dataclass(cls, table, prefix)
+
+    @classmethod
+    def load_run(cls, run_dir: str | os.PathLike):
+        """The config a run folder (local or URI) was started with, re-rooted at where the
+        folder is now (for --resume)."""
+        from ..storage import join_path, read_bytes, split_query
+
+        run_dir = str(run_dir)
+        body = read_bytes(join_path(run_dir, "config.json"))
+        if body is None:
+            raise ConfigError(f"resume: {run_dir} is not a run folder (no config.json)")
+        table = json.loads(body)
+        if "://" in run_dir:
+            head, query = split_query(run_dir)
+            parent, _, name = head.rstrip("/").rpartition("/")
+            table.update(storage_path=parent + query, name=name)
+        else:
+            path = Path(run_dir).resolve()
+            table.update(storage_path=str(path.parent), name=path.name)
+        return cls.from_dict(table)
 
     # local path fields of the config (made absolute before workers start: they run elsewhere)
     PATH_FIELDS = ("storage_path", "output")

@@ -83,3 +83,51 @@ class Callback:
 
     def after_step(self, step: int, rank: int, world: int, run_dir: str) -> None:
         pass
+
+
+class ShardTask(Task):
+    """A task over an encoder whose training examples are Parquet shards, each rank reading
+    its own share (`pipelines.data.loader.RankReader`) with batches made in the loader's
+    prefetch thread. Subclasses set `shards`, `columns`, `encoder_config` and implement
+    `batch_maker(rank)`: a function (epoch, index, rows) -> batch of CPU tensors."""
+
+    shards: list
+    columns: list[str]
+    encoder_config: object  # encoder.EncoderConfig
+
+    def batch_maker(self, rank: int):
+        raise NotImplementedError
+
+    def hidden_size(self) -> int:
+        return self.encoder_config.hidden_size
+
+    def reader(self, rank: int, world: int):
+        """This rank's reader (one per (rank, world), kept: it holds its row-group cache)."""
+        from ..data.loader import RankReader
+
+        readers = self.__dict__.setdefault("_readers", {})
+        if (rank, world) not in readers:
+            cfg = self.config
+            readers[(rank, world)] = RankReader(self.shards, self.columns, rank=rank, world=world,
+                                                batch_size=cfg.batch_size_per_worker, seed=cfg.seed,
+                                                shuffle_buffer=cfg.shuffle_buffer)
+        return readers[(rank, world)]
+
+    def batches(self, rank: int, world: int, epoch: int, index: int):
+        from ..data.loader import Prefetcher
+
+        make = self.batch_maker(rank)
+
+        def produce():
+            for e, i, rows in self.reader(rank, world).batches(epoch, index):
+                yield e, i, make(e, i, rows)
+
+        return Prefetcher(produce(), self.config.prefetch_batches)
+
+    def locate(self, rank: int, world: int, epoch: int, index: int) -> dict[str, Any]:
+        return self.reader(rank, world).locate(epoch, index)
+
+    def flops(self, batch: dict) -> float:
+        from encoder import flops_per_token
+
+        return float(batch["attention_mask"].sum()) * flops_per_token(self.encoder_config, batch["input_ids"].shape[1])
