@@ -258,7 +258,8 @@ def cmd_finetune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 def cmd_evaluate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from .evaluate import evaluate_folder
     from .inference import folder_kind
-    from .labeled import LabeledDataError, builtin_task, read_labeled
+    from .builtin_tasks import builtin_task
+    from .labeled import LabeledDataError, read_labeled
 
     kind = folder_kind(args.model)
     try:

@@ -284,7 +284,7 @@ def resolve(cfg: FinetuneConfig, resume: bool = False) -> FinetuneTask:
     from .train.launch import has_checkpoints, run_folder
 
     if cfg.task_name:
-        from .labeled import BUILTIN_TASKS
+        from .builtin_tasks import BUILTIN_TASKS
 
         if cfg.task_name not in BUILTIN_TASKS:
             raise ConfigError(f"task_name: unknown built-in task {cfg.task_name!r} "

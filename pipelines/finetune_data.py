@@ -88,8 +88,8 @@ def scores(kind: str, gold: list, pred: list, labels: list[str]) -> dict[str, An
 
 def load_sets(cfg):
     """(train, dev, test) LabeledSets, checked (LabeledDataError -> ConfigError)."""
-    from .labeled import (LabeledDataError, builtin_task, check_splits, label_fraction, read_labeled,
-                          stratified_split)
+    from .builtin_tasks import builtin_task
+    from .labeled import LabeledDataError, check_splits, label_fraction, read_labeled, stratified_split
 
     try:
         if cfg.task_name:

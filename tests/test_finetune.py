@@ -150,7 +150,7 @@ def test_token_classifier_on_conll_exports_and_agrees_with_transformers(ray_clus
 
     from pipelines.finetune import finetune
     from pipelines.inference import Predictor
-    from pipelines.labeled import builtin_task
+    from pipelines.builtin_tasks import builtin_task
 
     conll = builtin_task("conll2003", "train")
     path = tmp_path / "ner.jsonl"  # a slice of the package's data, in a temp folder (never in the repo)

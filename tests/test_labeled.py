@@ -10,8 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.labeled import (BUILTIN_TASKS, SPLITS, LabeledDataError, LabeledSet, builtin_task, check_bio,
-                               check_splits, label_fraction, label_names, read_labeled, stratified_split)
+from pipelines.builtin_tasks import BUILTIN_TASKS, builtin_task
+from pipelines.labeled import (SPLITS, LabeledDataError, LabeledSet, check_bio, check_splits, label_fraction,
+                               label_names, read_labeled, stratified_split)
 
 
 def _write(path: Path, text: str) -> str:

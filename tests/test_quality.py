@@ -132,7 +132,7 @@ def _perturb(sentences, rng, rate):
 
 def test_entity_report_equals_seqeval_on_conll2003():
     metrics = pytest.importorskip("seqeval.metrics")
-    from pipelines.labeled import builtin_task
+    from pipelines.builtin_tasks import builtin_task
 
     gold = builtin_task("conll2003", "test").labels
     for seed, rate in ((0, 0.0), (1, 0.03), (2, 0.15), (3, 0.5)):
