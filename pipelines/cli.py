@@ -343,7 +343,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="redo the pretrain stage even if its folder for this config is finished or "
                           "has checkpoints (deletes that folder; other runs are never touched)")
     run.set_defaults(run=cmd_run)
+    _add_module_commands(sub)
     return parser
+
+
+# Commands that live with their own module: each module has `add_command(subparsers)`, which
+# adds its parser with `set_defaults(run=fn)` (fn(args, overrides) -> exit status). A module
+# that does not exist adds nothing, so `--help` never lists a command that cannot run. These
+# modules keep Ray / torch imports inside their functions: `cloze --help` stays fast.
+COMMAND_MODULES = ("pipelines.serve", "pipelines.score", "cluster.jobs")
+
+
+def _add_module_commands(sub) -> None:
+    import importlib
+    import importlib.util
+
+    for name in COMMAND_MODULES:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).add_command(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
