@@ -207,7 +207,8 @@ Fine-tune a classifier on labeled data with Ray Train + DeepSpeed (the training 
 a softmax over h_cls (--task sequence) or a per-token tagger (--task token: BIO tags ->
 entity spans), from a pretrained encoder (--init: a cloze run's model, any HF BERT folder)
 or from random weights (--init random --finetune.like DIR: the same shape, fresh weights:
-the baseline). --mode frozen trains only the head on a fixed encoder.
+the baseline). --mode frozen trains only the head on a fixed encoder: its features are
+computed once (Ray Data, an actor pool) and cached in the run folder.
 
 Labeled files: CSV / JSONL / Parquet with `text` (or `text_a` + `text_b`) and `label`;
 token tasks: CoNLL columns (token ... tag) or JSONL `tokens` + `tags`. Without --dev, a

@@ -29,7 +29,7 @@ from encoder.objective import ObjectiveOutput
 from .config import ConfigError, apply_overrides, build_dataclass, load_toml
 from .finetune_data import SHARD_ROWS, Split, collate, load_sets, scores, tokenize, write_shards  # noqa: F401
 from .inference import pad_batch, tokenizer_for
-from .storage import join_path, write_atomic
+from .storage import join_path, read_bytes, write_atomic
 from .train import TrainConfig, TrainResult, fit
 from .train.task import ShardTask
 
@@ -113,8 +113,12 @@ class Classify(torch.nn.Module):
         self.model = model
 
     def forward(self, batch: dict):
-        """ObjectiveOutput(loss, metrics) with labels; the classifier's output (logits) without."""
-        out = self.model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch.get("labels"))
+        """ObjectiveOutput(loss, metrics) with labels; the classifier's output (logits) without.
+        A batch of cached frozen features (`pipelines.features`) goes through the head only."""
+        if "features" in batch:
+            out = self.model.head(batch["features"], batch.get("attention_mask"), batch.get("labels"))
+        else:
+            out = self.model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch.get("labels"))
         if "labels" not in batch:
             return out
         return ObjectiveOutput(out.loss, {"loss": out.loss.detach(), **{f"cls/{k}": v for k, v in out.metrics.items()}})
@@ -152,10 +156,13 @@ class FinetuneTask(ShardTask):
     name = "finetune"
 
     def __init__(self, cfg: FinetuneConfig, shards, dev: Split, labels: list[str], tokenizer: str,
-                 encoder_config: EncoderConfig, provenance: dict):
+                 encoder_config: EncoderConfig, provenance: dict, encoder_folder: str = ""):
         self.config, self.shards, self.dev, self.labels = cfg, shards, dev, labels
         self.tokenizer, self.encoder_config, self.provenance = tokenizer, encoder_config, provenance
-        self.columns = ["input_ids", "token_type_ids", "labels"]
+        # frozen mode trains on cached features; its encoder (random ones too) is a saved folder
+        self.encoder_folder = encoder_folder or (cfg.init if cfg.init != "random" else "")
+        self.cached = cfg.mode == "frozen"
+        self.columns = ["features", "labels", "length"] if self.cached else ["input_ids", "token_type_ids", "labels"]
 
     def input_paths(self) -> list[str]:
         return [p for p in (self.config.init if self.config.init != "random" else "", self.tokenizer) if p]
@@ -168,10 +175,10 @@ class FinetuneTask(ShardTask):
         frozen = cfg.mode == "frozen"
         cls = SequenceClassifier if cfg.task == "sequence" else TokenClassifier
         encoder = Encoder(self.encoder_config)
-        if cfg.init != "random":  # the init's encoder (and pooler); any head it has is dropped: ours starts fresh
+        if self.encoder_folder:  # the init's encoder (and pooler); any head it has is dropped: ours starts fresh
             from encoder.hf import load_pretrained
 
-            encoder = load_pretrained(cfg.init, kind="encoder")
+            encoder = load_pretrained(self.encoder_folder, kind="encoder")
         if cfg.task == "token":
             encoder.pooler = None  # a token classifier has no use for BERT's pooler
         model = cls(encoder, len(self.labels), id2label, frozen=frozen)
@@ -197,8 +204,25 @@ class FinetuneTask(ShardTask):
                 for (enc, matrix), ps in sorted(groups.items(), reverse=True)]
 
     def batch_maker(self, rank: int):
-        pad, task = self.encoder_config.pad_token_id, self.config.task
+        pad, task, hidden = self.encoder_config.pad_token_id, self.config.task, self.encoder_config.hidden_size
+        if self.cached:
+            from .features import collate_features
+
+            return lambda epoch, index, rows: collate_features(rows, task, hidden)
         return lambda epoch, index, rows: collate(rows, pad, task)
+
+    def sizes(self, batch: dict) -> tuple[float, int]:
+        if "features" not in batch:
+            return super().sizes(batch)
+        return float(batch["lengths"].sum()), int(batch["lengths"].shape[0])
+
+    def flops(self, batch: dict) -> float:
+        if "features" not in batch:
+            return super().flops(batch)
+        h, c = self.encoder_config.hidden_size, len(self.labels)  # the head: (pooler +) classifier
+        per_row = (h * h + h * c) if self.config.task == "sequence" else h * c
+        rows = batch["features"].shape[0] if self.config.task == "sequence" else float(batch["lengths"].sum())
+        return 6.0 * per_row * rows
 
     def predict(self, model, split: Split, rank: int, world: int, device) -> list:
         """Predictions of this rank's examples (i % world == rank), gathered on every rank in
@@ -280,7 +304,6 @@ def resolve(cfg: FinetuneConfig, resume: bool = False) -> FinetuneTask:
     work beyond this process), and build the task. A resumed run must see the same data."""
     from .data.loader import describe
     from .labeled import label_names
-    from .storage import read_bytes
     from .train.launch import has_checkpoints, run_folder
 
     if cfg.task_name:
@@ -352,7 +375,32 @@ def resolve(cfg: FinetuneConfig, resume: bool = False) -> FinetuneTask:
     else:
         files = write_shards(train_split, data_dir, cfg.task)
         write_atomic(join_path(data_dir, "manifest.json"), json.dumps(provenance, indent=2).encode())
-    return FinetuneTask(cfg, describe(files), dev_split, labels, tok_folder, enc_cfg, provenance)
+    encoder_folder = ""
+    if cfg.mode == "frozen":
+        encoder_folder, files = _frozen_features(cfg, run_dir, files, enc_cfg, tok_folder, provenance)
+    return FinetuneTask(cfg, describe(files), dev_split, labels, tok_folder, enc_cfg, provenance, encoder_folder)
+
+
+def _frozen_features(cfg: FinetuneConfig, run_dir: str, files: list[str], enc_cfg: EncoderConfig, tok_folder: str,
+                     provenance: dict) -> tuple[str, list[str]]:
+    """(encoder folder, feature shards) of a frozen run. A random encoder is drawn once (from
+    the seed) and saved in the run folder, so the cache, the workers and the export agree."""
+    from .features import FEATURES_DIR, cache_features, cache_key
+
+    folder = cfg.init
+    if cfg.init == "random":
+        folder = join_path(run_dir, "random-encoder")
+        if read_bytes(join_path(folder, "model.safetensors")) is None:
+            from encoder.hf import save_pretrained
+
+            torch.manual_seed(cfg.seed)
+            encoder = Encoder(enc_cfg)
+            if "://" in folder:
+                raise ConfigError("init = \"random\" with mode = \"frozen\" needs a local storage_path")
+            save_pretrained(encoder, folder, tokenizer=tok_folder)
+    key = cache_key(provenance["examples_sha256"], folder, cfg.task)
+    return folder, cache_features(files, folder, cfg.task, join_path(run_dir, FEATURES_DIR), key,
+                                  actors=cfg.num_workers, cpus_per_actor=cfg.cpus_per_worker, use_gpu=cfg.use_gpu)
 
 
 @dataclass

@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -143,6 +144,25 @@ def test_frozen_mode_trains_only_the_head(ray_cluster, tiny_init, topics, tmp_pa
     assert not torch.equal(before["pooler.dense.weight"], after["bert.pooler.dense.weight"])
     meta = json.loads((tmp_path / "frozen" / "cloze.json").read_text())["metadata"]
     assert meta["dev_metrics"]["step"] == 4 and result.model_dir
+    # the encoder ran once over the training set: the head trained on cached h_cls rows, which
+    # are what the exported model's encoder computes for those examples
+    import pyarrow.parquet as pq
+
+    from encoder.hf import load_pretrained
+    from pipelines.inference import pad_batch
+
+    cache = Path(result.train.run_dir) / "features"
+    manifest = json.loads((cache / "manifest.json").read_text())
+    shards = pq.read_table(Path(result.train.run_dir) / "data" / "part-00000.parquet").to_pylist()
+    cached = pq.read_table(cache / "part-00000.parquet").to_pylist()
+    assert manifest["rows"] == len(shards) == meta["init"]["train_examples"]
+    model = load_pretrained(str(tmp_path / "frozen")).eval()
+    for i in (0, len(shards) - 1):
+        batch = pad_batch([np.asarray(shards[i]["input_ids"])], [np.asarray(shards[i]["token_type_ids"])], 0)
+        with torch.no_grad():
+            feats = model.features(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])[0]
+        assert cached[i]["labels"] == shards[i]["labels"]
+        assert torch.allclose(torch.tensor(cached[i]["features"]), feats, atol=1e-5)
 
 
 def test_token_classifier_on_conll_exports_and_agrees_with_transformers(ray_cluster, tiny_init, tmp_path):

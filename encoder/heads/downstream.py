@@ -47,3 +47,14 @@ class DownstreamModel(nn.Module):
     def encode(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             return self.encoder(input_ids, attention_mask, token_type_ids)
+
+    # A classifier is `head(features(x))`: `features` is all the encoder contributes, so a
+    # frozen encoder's features can be computed once, cached, and the head trained on them.
+    def features(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head(self, features: torch.Tensor, attention_mask=None, labels=None) -> ClassifierOutput:
+        raise NotImplementedError
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> ClassifierOutput:
+        return self.head(self.features(input_ids, attention_mask, token_type_ids), attention_mask, labels)

@@ -17,9 +17,11 @@ class SequenceClassifier(DownstreamModel):
         self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
         init_weights(self.classifier, encoder.config.initializer_range)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> ClassifierOutput:
-        hidden = self.encode(input_ids, attention_mask, token_type_ids)  # (B, T, H)
-        logits = self.classifier(self.dropout(self.encoder.pool(hidden)))  # (B, C)
+    def features(self, input_ids, attention_mask=None, token_type_ids=None):
+        return self.encode(input_ids, attention_mask, token_type_ids)[:, 0]  # h_cls (B, H)
+
+    def head(self, features, attention_mask=None, labels=None) -> ClassifierOutput:
+        logits = self.classifier(self.dropout(self.encoder.pooler(features)))  # (B, C)
         if labels is None:
             return ClassifierOutput(logits)
         out = classification_output(logits, labels)

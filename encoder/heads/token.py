@@ -15,9 +15,11 @@ class TokenClassifier(DownstreamModel):
         self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
         init_weights(self.classifier, encoder.config.initializer_range)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> ClassifierOutput:
-        hidden = self.encode(input_ids, attention_mask, token_type_ids)  # (B, T, H)
-        logits = self.classifier(self.dropout(hidden))  # (B, T, C)
+    def features(self, input_ids, attention_mask=None, token_type_ids=None):
+        return self.encode(input_ids, attention_mask, token_type_ids)  # (B, T, H)
+
+    def head(self, features, attention_mask=None, labels=None) -> ClassifierOutput:
+        logits = self.classifier(self.dropout(features))  # (B, T, C)
         if labels is None:
             return ClassifierOutput(logits)
         if attention_mask is not None:

@@ -215,9 +215,9 @@ def train_loop_per_worker(config: dict) -> None:
             epoch, index, batch = next(batches)
             for cb in callbacks:
                 cb.on_batch(step + 1, rank, batch)
-            n = float(batch["attention_mask"].sum())  # host numbers from the CPU batch: no device sync
+            n, samples = task.sizes(batch)  # host numbers from the CPU batch: no device sync
             host["tokens"] += n
-            host["samples"] += batch["input_ids"].shape[0]
+            host["samples"] += samples
             host["flops"] += task.flops(batch)
             out = engine({k: v.to(device, non_blocking=True) for k, v in batch.items()})
             engine.backward(out.loss)

@@ -64,6 +64,10 @@ class Task:
         """Training FLOPs of one batch (forward + backward), for MFU; 0 = unknown."""
         return 0.0
 
+    def sizes(self, batch: dict) -> tuple[float, int]:
+        """(tokens, samples) of one batch, from its CPU tensors (no device sync)."""
+        return float(batch["attention_mask"].sum()), int(batch["input_ids"].shape[0])
+
     def export(self, state: dict[str, torch.Tensor], metrics: dict[str, float], dest: str) -> None:
         raise NotImplementedError
 
