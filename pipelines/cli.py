@@ -190,16 +190,18 @@ def cmd_pretrain(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
 RUN_DESCRIPTION = """\
 Run the whole pipeline as one Ray DAG: data (Ray Data pairs) -> pretrain (Ray Train +
-DeepSpeed ZeRO, HF export). Every stage's config is read and validated before Ray starts;
-a stage whose output already holds the same input+config hash is skipped, so a rerun after
-an edit redoes only what the edit touches. Stages of the design not built yet (finetune,
-evaluate, deploy, a real request) are listed as skipped.
+DeepSpeed ZeRO, HF export) -> finetune (the [finetune] table: a built-in task or your
+labeled files, on the pretrained encoder) -> evaluate (the test set: eval.json, report.md,
+confusion.png). Every stage's config is read and validated before Ray starts; a stage whose
+output already holds the same input+config hash is skipped, so a rerun after an edit redoes
+only what the edit touches. One line per stage: its status, time and headline figure.
 
 Without --config the bundled local profile (configs/local.toml: BBC News, tiny model,
-2 workers, ZeRO-2) runs; overrides use the stage tables: --data.KEY, --model.KEY,
---pretrain.KEY. Each stage writes a folder named by its config hash (runs/data-<hash>,
-runs/pretrain-<hash>): a changed config never overwrites a finished run, and a killed run
-resumes from its last checkpoint when started again."""
+2 workers, ZeRO-2, bbc-topic fine-tuning) runs; overrides use the stage tables: --data.KEY,
+--model.KEY, --pretrain.KEY, --finetune.KEY. Each stage writes a folder named by its config
+hash (runs/data-<hash>, runs/pretrain-<hash>, runs/finetune-<hash>): a changed config never
+overwrites a finished run, and a killed run resumes from its last checkpoint when started
+again."""
 
 
 FINETUNE_DESCRIPTION = """\
@@ -287,10 +289,10 @@ def cmd_run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
     config = args.config or str(Path(__file__).resolve().parent.parent / "configs" / "local.toml")
     try:
-        plan_run(config, overrides, force=args.force)  # validate everything before any Ray work
+        plan_run(config, overrides, force=args.force, until=args.until)  # validate everything before any Ray work
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         _quiet_ray_data()
-        run(config, overrides, force=args.force)
+        run(config, overrides, force=args.force, until=args.until)
     except (ConfigError, InputError) as e:
         print(f"cloze run: error: {e}", file=sys.stderr)
         return 2
@@ -336,13 +338,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--task-name", metavar="NAME", help="a built-in task's test split instead of --test")
     ev.add_argument("--output", metavar="DIR", help="where eval.json, report.md, confusion.png go")
     ev.set_defaults(run=cmd_evaluate)
-    run = sub.add_parser("run", help="run the whole pipeline as one Ray DAG (data -> pretrain -> ...)",
+    run = sub.add_parser("run", help="run the whole pipeline as one Ray DAG (data -> pretrain -> finetune -> ...)",
                          description=RUN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("--config", metavar="FILE.toml", help="TOML with [data], [model], [pretrain] tables "
-                                                          "(default: configs/local.toml)")
-    run.add_argument("--force", action="store_true",
-                     help="redo the pretrain stage even if its folder for this config is finished or "
-                          "has checkpoints (deletes that folder; other runs are never touched)")
+    run.add_argument("--config", metavar="FILE.toml", help="TOML with [data], [model], [pretrain], [finetune] "
+                                                          "tables (default: configs/local.toml)")
+    run.add_argument("--force", metavar="STAGE", nargs="?", const="pretrain",
+                     help="redo STAGE (default pretrain) and every stage after it even if finished or "
+                          "checkpointed (deletes those stages' folders for this config; other runs are never "
+                          "touched)")
+    run.add_argument("--until", metavar="STAGE", help="stop after this stage (data, pretrain, finetune, evaluate)")
     run.set_defaults(run=cmd_run)
     _add_module_commands(sub)
     return parser

@@ -4,7 +4,8 @@
 plain `.remote()` calls: a task that receives another task's ref waits for it, which is
 the same dependency graph, scheduled by Ray, with no API on its way out.)
 
-    data (Ray Data pairs) -> pretrain (Ray Train + DeepSpeed) -> [finetune -> evaluate -> deploy]
+    data (Ray Data pairs) -> pretrain (Ray Train + DeepSpeed) -> finetune (the same core)
+         -> evaluate (test report) -> [deploy -> request]
 
 Every stage is a Ray task with num_cpus=0, pinned to the driver's node (the head, under
 Ray Jobs): it only drives (Ray Data / Ray Train start their own workers), so a 2-CPU
@@ -31,8 +32,9 @@ from typing import Any, Mapping
 
 from .config import ConfigError, apply_overrides, load_toml
 
-# The design's stages after pretrain: not built yet (their issues come next).
-PLANNED = ("finetune", "evaluate", "deploy", "request")
+STAGES = ("data", "pretrain", "finetune", "evaluate")
+# The design's stages after evaluate: not built yet (their issue comes next).
+PLANNED = ("deploy", "request")
 
 
 # [pretrain] fields that change where or how a run is watched, never the weights it trains:
@@ -50,11 +52,26 @@ class RunPlan:
     data: Any  # pipelines.data.config.DataConfig, its output keyed by the stage's hash
     pretrain: Any  # pipelines.pretrain.PretrainConfig (data wired to the data stage's output)
     raw: dict
-    force: bool = False  # redo the pretrain stage even if its folder is finished
+    force: tuple[str, ...] = ()  # stages redone even if finished (one and everything downstream)
+    finetune: Any = None  # pipelines.finetune.FinetuneConfig (init wired to pretrain's model); None: no [finetune]
+    until: str = STAGES[-1]  # the last stage run
+
+    def stages(self) -> list[str]:
+        last = STAGES.index(self.until)
+        return [s for s in STAGES[:last + 1] if s not in ("finetune", "evaluate") or self.finetune is not None]
+
+
+def force_from(stage: str | None) -> tuple[str, ...]:
+    """`--force STAGE`: that stage and everything downstream of it."""
+    if not stage:
+        return ()
+    if stage not in STAGES:
+        raise ConfigError(f"--force {stage}: not a stage (choose from {', '.join(STAGES)})")
+    return STAGES[STAGES.index(stage):]
 
 
 def plan_run(config_path: str | os.PathLike | None, overrides: Mapping[str, Any] | None = None,
-             force: bool = False) -> RunPlan:
+             force: str | bool | None = None, until: str | None = None) -> RunPlan:
     """Read and validate every stage's config (ConfigError naming the key) before any Ray work."""
     from .data.config import DataConfig
     from .data.corpus import plan_units
@@ -71,9 +88,12 @@ def plan_run(config_path: str | os.PathLike | None, overrides: Mapping[str, Any]
         value = raw.get(table, {}).get(key)
         if isinstance(value, str) and value and "://" not in value:
             raw[table][key] = str(Path(value).resolve())
-    unknown = sorted(set(raw) - {"data", "model", "pretrain"})
+    unknown = sorted(set(raw) - {"data", "model", "pretrain", "finetune"})
     if unknown:
-        raise ConfigError(f"unknown config table [{unknown[0]}] (cloze run reads [data], [model], [pretrain])")
+        raise ConfigError(f"unknown config table [{unknown[0]}] (cloze run reads [data], [model], [pretrain], "
+                          f"[finetune])")
+    if until is not None and until not in STAGES:
+        raise ConfigError(f"--until {until}: not a stage (choose from {', '.join(STAGES)})")
     data = DataConfig.from_dict(raw.get("data", {}))
     units = plan_units(data)  # a missing input path fails here
     # the data stage's own folder: <output>-<hash of its inputs + config> (a URI keeps its query)
@@ -92,83 +112,212 @@ def plan_run(config_path: str | os.PathLike | None, overrides: Mapping[str, Any]
     if pre.max_seq_len and pre.max_seq_len != data.max_seq_len:
         raise ConfigError(f"pretrain.max_seq_len = {pre.max_seq_len} disagrees with data.max_seq_len = "
                           f"{data.max_seq_len}: set it in [data] only")
-    return RunPlan(data=data, pretrain=pre, raw=raw, force=force)
+    fine = _plan_finetune(raw, pre)
+    if until in ("finetune", "evaluate") and fine is None:
+        raise ConfigError(f"--until {until}: the config has no [finetune] table")
+    return RunPlan(data=data, pretrain=pre, raw=raw, force=force_from("pretrain" if force is True else force),
+                   finetune=fine, until=until or STAGES[-1])
 
 
-def _data_stage(data_cfg: dict) -> dict:
+def _plan_finetune(raw: dict, pre) -> Any:
+    """The [finetune] table as a FinetuneConfig whose init is the pretrain stage's model (set
+    when that stage has run); its run folders go beside pretraining's."""
+    from .finetune import FinetuneConfig
+
+    table = dict(raw.get("finetune", {}))
+    if not table:
+        return None
+    for key in ("init", "like", "output", "storage_path"):
+        if table.get(key):
+            raise ConfigError(f"finetune.{key}: cloze run fine-tunes its own pretrained model into its run "
+                              f"folder; drop this key")
+    for key in ("train", "dev", "test"):
+        value = table.get(key)
+        if isinstance(value, str) and value and "://" not in value:
+            table[key] = str(Path(value).resolve())
+    return FinetuneConfig.from_dict({**table, "init": "pretrain", "storage_path": pre.storage_path,
+                                     "shared_filesystem": pre.shared_filesystem})
+
+
+def _data_stage(data_cfg: dict, force: bool = False) -> dict:
     from .data.config import DataConfig
     from .data.pairs import build_sentence_pairs
+    from .storage import filesystem, join_path, read_bytes, remove
 
     cfg = DataConfig.from_dict(data_cfg)
+    if force and read_bytes(join_path(cfg.output, "manifest.json")) is not None:
+        print(f"cloze run: --force: removing {cfg.output}")
+        remove(*filesystem(cfg.output))
     manifest = build_sentence_pairs(cfg)
     return {"output": cfg.output, "manifest": manifest, "hash": manifest["cache_key"]}
+
+
+def _up_to_date(run_dir: str, key: str, force: bool) -> dict | None:
+    """The stage's saved result when its folder is finished for this hash (and not forced);
+    otherwise None, after removing the folder when forced."""
+    from .storage import filesystem, join_path, read_bytes, remove
+    from .train.launch import has_checkpoints
+
+    stamp = read_bytes(join_path(run_dir, "stage.json"))
+    if stamp is not None and not force:
+        done = json.loads(stamp)
+        if done.get("hash") == key and done.get("model_dir") and read_bytes(join_path(done["model_dir"], "cloze.json")):
+            return {**done, "skipped": True}
+    if force and (stamp is not None or has_checkpoints(run_dir)):  # asked for: redo this stage from scratch
+        print(f"cloze run: --force: removing {run_dir}")
+        remove(*filesystem(run_dir))
+    return None
+
+
+def _finish(run_dir: str, out: dict) -> dict:
+    from .storage import join_path, write_atomic
+
+    write_atomic(join_path(run_dir, "stage.json"), json.dumps(out, indent=2, default=str).encode())
+    return out
 
 
 def _pretrain_stage(pre_cfg: dict, data_out: dict, force: bool = False) -> dict:
     """Pretrain into `<storage_path>/<name>-<hash>`: skipped when finished, resumed from its
     newest complete checkpoint when a crash or a kill left it unfinished."""
     from .pretrain import PretrainConfig, pretrain
-    from .storage import join_path, read_bytes, write_atomic
     from .train.launch import has_checkpoints, run_folder
 
     cfg = PretrainConfig.from_dict({**pre_cfg, "data": data_out["output"]})
     key = _hash("pretrain", {k: v for k, v in cfg.to_dict().items() if k not in NOT_HASHED}, data_out["hash"])
     cfg = dataclasses.replace(cfg, name=f"{cfg.name}-{key[:12]}")
     run_dir = run_folder(cfg)
-    stamp = read_bytes(join_path(run_dir, "stage.json"))
-    if stamp is not None and not force:
-        done = json.loads(stamp)
-        if done.get("hash") == key and done.get("model_dir") and read_bytes(join_path(done["model_dir"], "cloze.json")):
-            print(f"cloze run: pretrain is up to date ({key[:12]}), {done['model_dir']}")
-            return {**done, "skipped": True}
-    if force and (stamp is not None or has_checkpoints(run_dir)):  # asked for: redo this stage from scratch
-        from .storage import filesystem, remove
-
-        print(f"cloze run: --force: removing {run_dir}")
-        remove(*filesystem(run_dir))
+    done = _up_to_date(run_dir, key, force)
+    if done is not None:
+        return done
     resume = run_dir if has_checkpoints(run_dir) else None
     result = pretrain(cfg, resume=resume, progress=False)
-    out = {"hash": key, "run_dir": result.run_dir, "model_dir": result.model_dir,
-           "resumed": result.resumed_from is not None, "resumed_from": result.resumed_from,
-           "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
-           "evals": result.evals}
-    write_atomic(join_path(run_dir, "stage.json"), json.dumps(out, indent=2).encode())
-    return out
+    return _finish(run_dir, {"hash": key, "run_dir": result.run_dir, "model_dir": result.model_dir,
+                             "resumed": result.resumed_from is not None, "resumed_from": result.resumed_from,
+                             "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+                             "evals": result.evals})
 
 
-def launch_dag(plan: RunPlan):
-    """Submit the stages that exist, data -> pretrain; returns the last stage's ObjectRef."""
+def _finetune_stage(fine_cfg: dict, pre_out: dict, force: bool = False) -> dict:
+    """Fine-tune the pretrained model into `<storage_path>/finetune-<hash>` (same skip /
+    resume rules as pretraining; the hash covers the pretrained model's)."""
+    from .finetune import FinetuneConfig, finetune
+    from .train.launch import has_checkpoints, run_folder
+    from .train.metrics import read_metrics
+
+    cfg = FinetuneConfig.from_dict({**fine_cfg, "init": pre_out["model_dir"]})
+    key = _hash("finetune", {k: v for k, v in cfg.to_dict().items() if k not in NOT_HASHED + ("init",)},
+                pre_out["hash"])
+    cfg = dataclasses.replace(cfg, name=f"finetune-{key[:12]}")
+    run_dir = run_folder(cfg)
+    done = _up_to_date(run_dir, key, force)
+    if done is not None:
+        return done
+    resume = run_dir if has_checkpoints(run_dir) else None
+    result = finetune(None if resume else cfg, resume=resume, progress=False, evaluate_test=False)
+    evals = read_metrics(result.train.run_dir, "eval.csv")
+    best = max((e.get("eval/f1", -1.0) for e in evals), default=None)
+    return _finish(run_dir, {"hash": key, "run_dir": result.train.run_dir, "model_dir": result.model_dir,
+                             "resumed": result.train.resumed_from is not None, "dev_f1": best,
+                             "task": cfg.task, "task_name": cfg.task_name,
+                             "test": cfg.test, "steps": result.train.metrics.get("step")})
+
+
+def _evaluate_stage(fine_out: dict, force: bool = False) -> dict:
+    """The fine-tuned model on the test set: eval.json, report.md, confusion.png in
+    `<finetune run>/evaluate` (skipped when there for this model)."""
+    from .builtin_tasks import builtin_task
+    from .evaluate import evaluate_folder
+    from .labeled import read_labeled
+    from .storage import join_path, read_bytes
+
+    out_dir = join_path(fine_out["run_dir"], "evaluate")
+    key = _hash("evaluate", fine_out["hash"])
+    old = read_bytes(join_path(out_dir, "stage.json"))
+    if old is not None and not force and json.loads(old).get("hash") == key:
+        return {**json.loads(old), "skipped": True}
+    if fine_out.get("task_name"):
+        test = builtin_task(fine_out["task_name"], "test")
+    elif fine_out.get("test"):
+        test = read_labeled(fine_out["test"], fine_out["task"])
+    else:
+        return {"hash": key, "skipped": True, "why": "no test set (finetune.test or a built-in task)"}
+    report = evaluate_folder(fine_out["model_dir"], test, output=out_dir)
+    headline = {k: report[k] for k in ("examples", "f1", "accuracy", "macro_f1") if k in report}
+    return _finish(out_dir, {"hash": key, "output": out_dir, **headline})
+
+
+def launch_dag(plan: RunPlan) -> dict[str, Any]:
+    """Submit the planned stages, each waiting on the one before; returns their ObjectRefs."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # the stages drive from the driver's node (the head under Ray Jobs), never a worker node
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    data_task = ray.remote(num_cpus=0, scheduling_strategy=here)(_data_stage)
-    pretrain_task = ray.remote(num_cpus=0, scheduling_strategy=here)(_pretrain_stage)
+
+    def stage(fn):
+        return ray.remote(num_cpus=0, scheduling_strategy=here, max_retries=0)(fn)
+
+    stages = plan.stages()
     data_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(plan.data).items()}
-    return pretrain_task.remote(plan.pretrain.to_dict(), data_task.remote(data_cfg), plan.force)
+    refs: dict[str, Any] = {"data": stage(_data_stage).remote(data_cfg, "data" in plan.force)}
+    if "pretrain" in stages:
+        refs["pretrain"] = stage(_pretrain_stage).remote(plan.pretrain.to_dict(), refs["data"],
+                                                         "pretrain" in plan.force)
+    if "finetune" in stages:
+        refs["finetune"] = stage(_finetune_stage).remote(plan.finetune.to_dict(), refs["pretrain"],
+                                                         "finetune" in plan.force)
+    if "evaluate" in stages:
+        refs["evaluate"] = stage(_evaluate_stage).remote(refs["finetune"], "evaluate" in plan.force)
+    return refs
+
+
+def _headline(name: str, out: dict) -> str:
+    """One stage's figure for its console line."""
+    if name == "data":
+        m = out["manifest"]
+        return f"{sum(m.get('examples', {}).values()) if isinstance(m.get('examples'), dict) else m.get('examples')} examples"
+    if name == "pretrain":
+        ev = out.get("evals") or []
+        acc = [e for e in ev if "eval/mlm/acc" in e]
+        return (f"held-out MLM acc {acc[0]['eval/mlm/acc']:.3f} -> {acc[-1]['eval/mlm/acc']:.3f}" if acc else
+                f"loss {out.get('metrics', {}).get('loss', float('nan')):.3f}")
+    if name == "finetune":
+        return f"best dev F1 {out['dev_f1']:.3f}" if out.get("dev_f1") is not None else ""
+    if name == "evaluate":
+        if "f1" not in out:
+            return out.get("why", "")
+        return (f"test accuracy {out['accuracy']:.3f}, macro-F1 {out['macro_f1']:.3f}" if "accuracy" in out
+                else f"test entity F1 {out['f1']:.3f}")
+    return ""
 
 
 def run(config_path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None,
-        log=print, force: bool = False) -> dict:
-    plan = plan_run(config_path, overrides, force)  # every error before Ray starts
+        log=print, force: str | bool | None = None, until: str | None = None) -> dict:
+    """Run the DAG; returns the pretrain stage's result (model_dir, metrics, evals, ...) with
+    `data_dir` and one entry per later stage that ran (`finetune`, `evaluate`)."""
+    plan = plan_run(config_path, overrides, force, until)  # every error before Ray starts
     import ray
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}})
     t0 = time.perf_counter()
-    out = {**ray.get(launch_dag(plan)), "data_dir": plan.data.output}
-    log(f"cloze run: data -> {plan.data.output}")
-    log(f"cloze run: pretrain -> {out['model_dir']}"
-        + (" (cached)" if out.get("skipped") else f" in {time.perf_counter() - t0:.0f} s"
-           + (" (resumed from its last checkpoint)" if out.get("resumed") else "")))
-    for name in ("mlm/acc", "mlm/loss", "loss"):
-        if name in out.get("metrics", {}):
-            log(f"cloze run:   final {name} = {out['metrics'][name]:.4f}")
-    if out.get("evals"):
-        from .train.metrics import held_out_summary
+    refs = launch_dag(plan)
+    results: dict[str, dict] = {}
+    for name, ref in refs.items():  # in DAG order: each line appears as its stage finishes
+        results[name] = out = ray.get(ref)
+        where = out.get("model_dir") or out.get("output") or ""
+        status = "cached" if out.get("skipped") else f"done in {time.perf_counter() - t0:.0f} s"
+        if out.get("resumed"):
+            status += " (resumed from its last checkpoint)"
+        log(f"cloze run: {name:<9} {status:<12} {_headline(name, out)}" + (f"  {where}" if where else ""))
+        t0 = time.perf_counter()
+        if name == "pretrain" and out.get("evals"):
+            from .train.metrics import held_out_summary
 
-        log(held_out_summary(out["evals"], prog="cloze run"))
-    log("cloze run: skipped (not built yet): " + ", ".join(PLANNED))
+            log(held_out_summary(out["evals"], prog="cloze run"))
+    not_run = [s for s in STAGES if s not in refs] + list(PLANNED)
+    log("cloze run: not run: " + ", ".join(not_run) + " (deploy and request are not built yet)")
+    out = {**results.get("pretrain", {}), "data_dir": plan.data.output}
+    out.update({k: v for k, v in results.items() if k in ("finetune", "evaluate")})
     return out

@@ -410,8 +410,11 @@ class FinetuneResult:
     test: dict | None  # the test report of the exported model
 
 
-def finetune(cfg: FinetuneConfig, resume=None, progress: bool = True, log=print, callbacks=()) -> FinetuneResult:
-    """`resume`: a run folder to continue (its saved config is used; `cfg` may be None)."""
+def finetune(cfg: FinetuneConfig, resume=None, progress: bool = True, log=print, callbacks=(),
+             evaluate_test: bool = True) -> FinetuneResult:
+    """`resume`: a run folder to continue (its saved config is used; `cfg` may be None).
+    `evaluate_test`: score the test set (if any) with the exported model (the DAG leaves
+    that to its evaluate stage)."""
     if resume is not None:
         cfg = FinetuneConfig.load_run(resume)
     task = resolve(cfg, resume=resume is not None)
@@ -419,7 +422,8 @@ def finetune(cfg: FinetuneConfig, resume=None, progress: bool = True, log=print,
         f"examples, {len(task.labels)} labels, {task.config.max_steps} steps, init {task.config.init}")
     result = fit(task, resume=resume, progress=progress, log=log, callbacks=callbacks)
     test_report = None
-    if result.model_dir and (task.config.test or task.config.task_name) and "://" not in result.model_dir:
+    if (evaluate_test and result.model_dir and (task.config.test or task.config.task_name)
+            and "://" not in result.model_dir):
         from .evaluate import evaluate_folder
 
         _, _, test = load_sets(task.config)

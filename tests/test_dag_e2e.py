@@ -38,7 +38,10 @@ def _overrides(tmp_path: Path, corpus: Path, **kw) -> dict:
         "data.shard_bytes": 32768,  # a few shards: local.toml holds the last one out for evaluation
         "pretrain.storage_path": str(tmp_path / "runs"), "pretrain.max_steps": 6,
         "pretrain.checkpoint_every": 3, "pretrain.batch_size_per_worker": 8, "pretrain.global_batch_size": 16,
-        "pretrain.optimizer.warmup_steps": 2, **kw}
+        "pretrain.optimizer.warmup_steps": 2,
+        # fine-tuning: a few steps on 10% of bbc-topic's labels, then its test split
+        "finetune.epochs": 0, "finetune.max_steps": 4, "finetune.checkpoint_every": 2, "finetune.label_fraction": 0.1,
+        "finetune.batch_size_per_worker": 8, "finetune.global_batch_size": 16, **kw}
 
 
 def test_cloze_run_dag_trains_exports_caches_and_keeps_finished_runs(ray_cluster, tmp_path):
@@ -64,7 +67,7 @@ def test_cloze_run_dag_trains_exports_caches_and_keeps_finished_runs(ray_cluster
     assert run_config["max_seq_len"] == manifest["max_seq_len"] == 256 and run_config["data"] == str(data_dir)
     assert (model_dir / "vocab.txt").read_text() == (data_dir / "vocab.txt").read_text()
     assert out["metrics"]["step"] == 6 and "mlm/loss" in out["metrics"] and "nsp/loss" in out["metrics"]
-    assert any("skipped (not built yet)" in line for line in lines)
+    assert any(line.startswith("cloze run: not run: deploy, request") for line in lines)
     assert len(manifest["shards"]) >= 2 and [e["step"] for e in out["evals"]] == [0, 3, 6]
     assert any("held-out mlm acc" in line for line in lines)
 
@@ -73,15 +76,28 @@ def test_cloze_run_dag_trains_exports_caches_and_keeps_finished_runs(ray_cluster
     hf = transformers.BertForPreTraining.from_pretrained(str(model_dir), local_files_only=True)
     assert hf.config.vocab_size == manifest["tokenizer"]["vocab_size"]
 
+    # the pretrained encoder was fine-tuned on bbc-topic and scored on its test split
+    fine = out["finetune"]
+    tuned = json.loads(Path(fine["model_dir"], "cloze.json").read_text())["metadata"]
+    assert Path(fine["run_dir"]).parent == tmp_path / "runs" and Path(fine["run_dir"]).name.startswith("finetune-")
+    assert tuned["init"]["init"] == str(model_dir) and tuned["finetune_config"]["max_steps"] == 4
+    assert sorted(tuned["labels"]) == ["business", "entertainment", "politics", "sports", "tech"]
+    report = json.loads(Path(out["evaluate"]["output"], "eval.json").read_text())
+    assert report["examples"] == out["evaluate"]["examples"] > 200 and 0.0 <= report["accuracy"] <= 1.0
+    assert Path(out["evaluate"]["output"], "confusion.png").is_file()
+    assert [line.split()[2] for line in lines if line.split()[2:3] and line.split()[2] in
+            ("data", "pretrain", "finetune", "evaluate")] == ["data", "pretrain", "finetune", "evaluate"]
+
     # same inputs and config again: both stages are cache hits, nothing retrains
     stamp = (model_dir / "model.safetensors").stat().st_mtime_ns
     again = run(LOCAL, overrides, log=lines.append)
     assert again.get("skipped") is True and again["model_dir"] == out["model_dir"]
+    assert again["finetune"]["skipped"] is True and again["evaluate"]["skipped"] is True
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp
 
     # a changed config (a longer run, another mask rate) is a new run folder; the finished one stays
     longer = run(LOCAL, _overrides(tmp_path, corpus, **{"pretrain.max_steps": 8, "pretrain.mask_prob": 0.2}),
-                 log=lines.append)
+                 log=lines.append, until="pretrain")
     assert longer["model_dir"] != out["model_dir"] and longer["metrics"]["step"] == 8
     assert longer["data_dir"] == out["data_dir"]  # masking settings are pretraining's: no re-tokenizing
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp
@@ -94,7 +110,7 @@ def test_a_killed_cloze_run_resumes_from_its_last_checkpoint(ray_cluster, tmp_pa
 
     corpus = _articles(tmp_path / "corpus", 48)
     overrides = _overrides(tmp_path, corpus, **{"pretrain.max_steps": 40, "pretrain.checkpoint_every": 4})
-    args = [str(Path(sys.executable).parent / "cloze"), "run", "--config", str(LOCAL)]
+    args = [str(Path(sys.executable).parent / "cloze"), "run", "--config", str(LOCAL), "--until", "pretrain"]
     for key, value in overrides.items():
         args += [f"--{key}", json.dumps(value) if isinstance(value, list) else str(value)]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
@@ -114,7 +130,7 @@ def test_a_killed_cloze_run_resumes_from_its_last_checkpoint(ray_cluster, tmp_pa
     assert not (run_dir / "model").exists()
 
     lines: list[str] = []
-    out = run(LOCAL, overrides, log=lines.append)
+    out = run(LOCAL, overrides, log=lines.append, until="pretrain")
     assert out["resumed"] is True and Path(out["run_dir"]) == run_dir
     assert Path(out["resumed_from"]).parent == run_dir and checkpoint_step(out["resumed_from"]) >= 4
     assert any("resumed from its last checkpoint" in line for line in lines)
