@@ -1,0 +1,543 @@
+"""`cloze score`: a classifier over a table with Ray Data, on an actor pool that grows with
+the backlog.
+
+    read (CSV / JSONL / Parquet, files or folders, local or URI)
+      -> split into blocks of `rows_per_block` rows
+      -> map_batches(Scorer) on ActorPoolStrategy(min_actors, max_actors): one Predictor each
+      -> write (ScoredFiles) into `<output>.tmp-<id>`, then publish with manifest.json last
+
+Every input column is kept. A sequence classifier adds `label`, `score`, `probs`,
+`truncated`, `error`; a token classifier adds `tags` (one per word), `spans`, `truncated`,
+`error`. `probs` (label -> probability), `tags` and `spans` are JSON text in CSV and Parquet
+(one shape both hold, read back with `json.loads`) and JSON values in JSONL. Token
+classifiers read a `tokens` column (a list of words), else split `text` into words as
+`inference.split_words` does; span offsets are characters of `text` (of the words joined by
+one space for `tokens` input). A row whose text is missing, null or blank gets its reason
+in `error` and null predictions; the job goes on and the manifest counts such rows.
+
+Why the writes hold no CPU: a 1-CPU write operator makes Ray Data reserve a CPU for it, and
+on a small cluster the actor pool then never gets the budget for a second actor (the
+symptom of Ray issue #59144). Writing is I/O; the pool gets the CPUs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Any, Mapping
+
+from .config import ConfigError, apply_overrides, build_dataclass, load_toml
+from .storage import Staging, filesystem, is_uri, split_query
+
+FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+SEQUENCE_COLUMNS = ("label", "score", "probs", "truncated", "error")
+TOKEN_COLUMNS = ("tags", "spans", "truncated", "error")
+JSON_COLUMNS = ("probs", "tags", "spans")  # JSON text in CSV / Parquet, JSON values in JSONL
+WORKER = "__cloze_worker"  # which actor scored a row: counted by the writer, never written
+MARKER = "manifest.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreConfig:
+    """The `[score]` table; --model / --input / --output set its first three keys."""
+
+    model: str = ""  # the classifier folder (cloze finetune output, or HF BertFor{Sequence,Token}Classification)
+    input: str = ""  # a CSV / JSONL / Parquet file, or a folder of them (one format), local path or URI
+    output: str = ""  # the output folder (local path or URI): part files + manifest.json
+    text_column: str = "text"  # the text; "text" falls back to text_a (+ text_b) when the input has no text column
+    text_b_column: str = ""  # the second text of a pair ("" = text_b when text_a is used)
+    tokens_column: str = "tokens"  # token classifiers: a list-of-words column, used when present
+    prefix: str = ""  # prepended to the added column names, e.g. "pred_" when the input has its own `label`
+    input_format: str = ""  # csv | jsonl | parquet; "" = from the file names
+    output_format: str = ""  # csv | jsonl | parquet; "" = the input's format
+    batch_size: int = 32  # rows per forward pass
+    rows_per_block: int = 1024  # rows per Ray Data task: the unit of work an actor takes from the backlog
+    rows_per_file: int = 100000  # rows buffered into each output file (at least)
+    min_actors: int = 1  # the actor pool starts here
+    max_actors: int = 2  # and grows up to here while there is a backlog
+    cpus_per_actor: float = 1.0  # Ray CPUs per actor; torch threads = this, rounded down (at least 1)
+    quantize: str = "none"  # none | int8 (dynamic int8 quantization of the Linear layers)
+    max_seq_len: int = 0  # tokens per row; 0 = the length the model was fine-tuned at
+    preserve_order: bool = True  # output files and rows in input order (part-00000 first)
+    overwrite: bool = False  # replace an existing output (it is replaced only once the new one is complete)
+    progress: bool = True  # Ray Data's progress bars
+    shared_filesystem: bool = False  # local paths are on storage every node mounts (multi-node with local paths)
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("model", bool(self.model), "is required (--model DIR)"),
+            ("input", bool(self.input), "is required (--input PATH)"),
+            ("output", bool(self.output), "is required (--output PATH)"),
+            ("text_column", bool(self.text_column), "must not be empty"),
+            ("input_format", self.input_format in ("", *set(FORMATS.values())), "must be csv, jsonl or parquet"),
+            ("output_format", self.output_format in ("", *set(FORMATS.values())), "must be csv, jsonl or parquet"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("rows_per_block", self.rows_per_block >= 1, "must be >= 1"),
+            ("rows_per_file", self.rows_per_file >= 1, "must be >= 1"),
+            ("min_actors", self.min_actors >= 1, "must be >= 1"),
+            ("max_actors", self.max_actors >= self.min_actors, "must be >= min_actors"),
+            ("cpus_per_actor", self.cpus_per_actor > 0, "must be > 0"),
+            ("quantize", self.quantize in ("none", "int8"), "must be none or int8"),
+            ("max_seq_len", self.max_seq_len == 0 or 8 <= self.max_seq_len <= 8192, "must be 0 or in [8, 8192]"),
+        ]
+        for key, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"{key} {why}, got {getattr(self, key)!r}")
+
+    @classmethod
+    def from_toml(cls, path, overrides: Mapping[str, Any] | None = None) -> "ScoreConfig":
+        raw = load_toml(path) if path else {}
+        if overrides:
+            raw = apply_overrides(raw, overrides)
+        return build_dataclass(cls, dict(raw.get("score", {})), "score.")
+
+
+# ------------------------------------------------------------------ before Ray: what to read
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `plan` found: the files to read and the columns the Scorer uses."""
+
+    kind: str  # "sequence" | "token"
+    format: str  # csv | jsonl | parquet
+    output_format: str
+    files: tuple[str, ...]  # paths on the input's filesystem
+    text: str  # the text column ("" for token rows read from `words`)
+    text_b: str  # the pair's second column, or ""
+    words: str  # token classifiers: the list-of-words column, or ""
+
+    def added(self, prefix: str) -> list[str]:
+        return [prefix + c for c in (SEQUENCE_COLUMNS if self.kind == "sequence" else TOKEN_COLUMNS)]
+
+
+def _list_files(path: str, fmt: str) -> tuple[str, list[str]]:
+    """(format, files) of a file or a folder of files of one format; ConfigError otherwise."""
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(path)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise ConfigError(f"input {path}: no such file or folder")
+    if info.type == pafs.FileType.File:
+        files = [root]
+    else:
+        files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                       if i.type == pafs.FileType.File and not os.path.basename(i.path).startswith((".", "_"))
+                       and (fmt or os.path.splitext(i.path)[1].lower() in FORMATS))
+    found = {fmt or FORMATS.get(os.path.splitext(f)[1].lower(), "") for f in files}
+    if not files:
+        raise ConfigError(f"input {path}: no .csv / .jsonl / .parquet files in it")
+    if "" in found:
+        raise ConfigError(f"input {path}: unknown file type (name it .csv / .jsonl / .parquet or set score.input_format)")
+    if len(found) > 1:
+        raise ConfigError(f"input {path}: mixes formats ({', '.join(sorted(found))}); score one format at a time")
+    return found.pop(), files
+
+
+def _columns(fs, path: str, fmt: str) -> dict[str, Any]:
+    """Column name -> pyarrow type (None where unknown before reading) of one file's head."""
+    import csv
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if fmt == "parquet":
+            with fs.open_input_file(path) as f:
+                return {field.name: field.type for field in pq.read_schema(f)}
+        with fs.open_input_stream(path) as f:
+            head = f.read(1 << 20).decode("utf-8-sig", errors="replace")
+    except (OSError, pa.ArrowException) as e:
+        raise ConfigError(f"input {path}: cannot read it ({e})") from None
+    if fmt == "csv":
+        return dict.fromkeys(c.strip() for c in next(csv.reader(io.StringIO(head)), []))
+    names: dict[str, Any] = {}
+    lines = head.splitlines()
+    for n, line in enumerate(lines[:-1] if len(head) >= 1 << 20 else lines, start=1):  # whole lines only
+        try:
+            row = json.loads(line) if line.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"input {path}: line {n} is not JSON ({e.msg}); JSONL has one object per line") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"input {path}: line {n} is not a JSON object")
+        names.update(dict.fromkeys(row))
+        if n >= 100:
+            break
+    return names
+
+
+def plan(config: ScoreConfig) -> Plan:
+    """Check the model folder, the input and its columns, and the output, before any Ray work."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    from .inference import folder_kind
+
+    kind = folder_kind(config.model) if not is_uri(config.model) else None
+    if kind is None:
+        raise ConfigError(f"model {config.model}: not a classifier folder (a local folder whose config.json names "
+                          f"BertForSequenceClassification or BertForTokenClassification)")
+    fmt, files = _list_files(config.input, config.input_format)
+    fs, _ = filesystem(config.input)
+    types = _columns(fs, files[0], fmt)
+    found = ", ".join(map(repr, types)) or "none"
+    text, text_b, words = config.text_column, config.text_b_column, ""
+    if kind == "token" and config.tokens_column in types:
+        text, words = "", config.tokens_column
+    elif text == "text" and "text" not in types and "text_a" in types:
+        text, text_b = "text_a", text_b or ("text_b" if "text_b" in types else "")
+    if text and text not in types:
+        also = f" or a '{config.tokens_column}' column" if kind == "token" else (
+            " (or 'text_a' + 'text_b' for pairs)" if text == "text" else "")
+        raise ConfigError(f"input {files[0]}: no text column '{text}'{also}; columns found: {found}")
+    if kind == "token" and text_b:
+        raise ConfigError("text_b_column: a token classifier tags one text per row")
+    if text_b and text_b not in types:
+        raise ConfigError(f"input {files[0]}: no text_b column '{text_b}'; columns found: {found}")
+    for col, ok in ((text, pa.types.is_string), (text_b, pa.types.is_string),
+                    (words, lambda t: pa.types.is_list(t) and pa.types.is_string(t.value_type))):
+        if col and types.get(col) is not None and not (ok(types[col]) or pa.types.is_large_string(types[col])
+                                                      or pa.types.is_null(types[col])):
+            raise ConfigError(f"input {files[0]}: column '{col}' holds {types[col]}, not "
+                              f"{'text' if col != words else 'lists of words'}")
+    out = Plan(kind, fmt, config.output_format or fmt, tuple(files), text, text_b, words)
+    taken = sorted(set(out.added(config.prefix)) & set(types))
+    if taken:
+        raise ConfigError(f"input already has column(s) {', '.join(map(repr, taken))}: set score.prefix "
+                          f"(e.g. --score.prefix pred_) to name the predictions apart")
+    out_fs, out_root = filesystem(config.output)
+    if out_fs.get_file_info(out_root).type != pafs.FileType.NotFound and not config.overwrite:
+        raise ConfigError(f"output {config.output} already exists: pick a new path or set --score.overwrite true")
+    return out
+
+
+# ------------------------------------------------------------------ in the actors
+
+
+def _problem(value, name: str, words: bool = False) -> str | None:
+    """Why a row cannot be scored (None: it can): missing, not text, or blank."""
+    if value is None:
+        return f"missing {name}"
+    if words:
+        if not isinstance(value, list) or not all(isinstance(w, str) for w in value):
+            return f"{name} is not a list of words"
+        return None if any(w.strip() for w in value) else f"empty {name}"
+    if not isinstance(value, str):
+        return f"{name} is not text"
+    return None if value.strip() else f"empty {name}"
+
+
+def _offsets(words: list[str]) -> list[tuple[int, int]]:
+    """[start, end) of each word in the words joined by one space."""
+    ends = accumulate(len(w) + 1 for w in words)
+    return [(e - len(w) - 1, e - 1) for w, e in zip(words, ends)]
+
+
+class Scorer:
+    """The map_batches callable: one Predictor per actor; a pyarrow batch in, the same batch
+    plus the prediction columns (and which worker scored it) out. Runs without Ray too."""
+
+    def __init__(self, model: str, plan: Plan, prefix: str = "", batch_size: int = 32, max_seq_len: int = 0,
+                 quantize: str = "none", threads: int | None = None):
+        from .inference import Predictor
+
+        self.predictor = Predictor(model, max_seq_len=max_seq_len or None, batch_size=batch_size,
+                                   quantize=quantize, threads=threads)
+        self.plan, self.prefix = plan, prefix
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def __call__(self, table):
+        import pyarrow as pa
+
+        values = {c: table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows
+                  for c in (self.plan.text, self.plan.text_b, self.plan.words) if c}
+        rows = (self._classify if self.plan.kind == "sequence" else self._tag)(values, table.num_rows)
+        types = {"score": pa.float64(), "truncated": pa.bool_()}
+        names = SEQUENCE_COLUMNS if self.plan.kind == "sequence" else TOKEN_COLUMNS
+        for name in names:
+            table = table.append_column(self.prefix + name, pa.array([r[name] for r in rows],
+                                                                      types.get(name, pa.string())))
+        return table.append_column(WORKER, pa.array([self.worker] * table.num_rows, pa.string()))
+
+    def _logits(self, enc) -> list:
+        """Logits in input order, computed shortest first: each forward pads to its longest row."""
+        from .inference import Encoded
+
+        order = sorted(range(len(enc)), key=lambda i: len(enc.input_ids[i]))
+        out = [None] * len(enc)
+        single = enc.rows()
+        sorted_rows = self.predictor.logits(Encoded.join([single[i] for i in order])) if order else []
+        for j, i in enumerate(order):
+            out[i] = sorted_rows[j]
+        return out
+
+    def _classify(self, values: dict, n: int) -> list[dict]:
+        a = values[self.plan.text]
+        b = values.get(self.plan.text_b) if self.plan.text_b else None
+        errors = [_problem(a[i], self.plan.text) or (_problem(b[i], self.plan.text_b) if b is not None else None)
+                  for i in range(n)]
+        ok = [i for i in range(n) if errors[i] is None]
+        enc = self.predictor.encode([a[i] for i in ok], [b[i] for i in ok] if b is not None else None)
+        rows = [dict.fromkeys(SEQUENCE_COLUMNS) | {"error": e} for e in errors]
+        for i, r in zip(ok, self.predictor.classify_rows(self._logits(enc), enc.truncated)):
+            rows[i].update(r, probs=json.dumps(r["probs"]))
+        return rows
+
+    def _tag(self, values: dict, n: int) -> list[dict]:
+        from .inference import encode_words, split_words
+
+        col = self.plan.words or self.plan.text
+        raw = values[col]
+        errors = [_problem(raw[i], col, words=bool(self.plan.words)) for i in range(n)]
+        ok = [i for i in range(n) if errors[i] is None]
+        texts = [" ".join(raw[i]) if self.plan.words else raw[i] for i in ok]
+        split = [(raw[i], _offsets(raw[i])) if self.plan.words else split_words(t) for i, t in zip(ok, texts)]
+        offsets = [o for _, o in split]
+        enc = encode_words(self.predictor.tok, [w for w, _ in split])
+        rows = [dict.fromkeys(TOKEN_COLUMNS) | {"error": e} for e in errors]
+        for i, row, first, text, offs, cut in zip(ok, self._logits(enc), enc.first_piece, texts, offsets,
+                                                   enc.truncated):
+            found = self.predictor.entity_row(row, first, text, offs, cut)
+            rows[i].update(tags=json.dumps([w["tag"] for w in found["words"]]), spans=json.dumps(found["entities"]),
+                           truncated=cut)
+        return rows
+
+
+# ------------------------------------------------------------------ writing
+
+
+def _write_table(table, file, fmt: str, json_columns: list[str]) -> None:
+    """One part file: Parquet as is; CSV with nested input columns as JSON text; JSONL with
+    the JSON columns as JSON values."""
+    import pyarrow as pa
+
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, file)
+    elif fmt == "csv":
+        import pyarrow.csv as pacsv
+
+        for i, field in enumerate(table.schema):
+            if pa.types.is_nested(field.type):
+                text = [None if v is None else json.dumps(v, ensure_ascii=False, default=str)
+                        for v in table.column(i).to_pylist()]
+                table = table.set_column(i, field.name, pa.array(text, pa.string()))
+        pacsv.write_csv(table, file)
+    else:
+        lines = []
+        for row in table.to_pylist():
+            for c in json_columns:
+                if isinstance(row[c], str):
+                    row[c] = json.loads(row[c])
+            lines.append(json.dumps(row, ensure_ascii=False, default=str))
+        file.write(("\n".join(lines) + "\n").encode())
+
+
+def _sink_class():
+    """ScoredFiles, built on first use (Ray Data is imported only when scoring)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from ray.data.block import BlockAccessor
+    from ray.data.datasource import BlockBasedFileDatasink, FilenameProvider
+
+    class PartNames(FilenameProvider):
+        def __init__(self, ext: str):
+            self.ext = ext
+
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            return f"part-{task_index:05d}.{self.ext}"
+
+    class ScoredFiles(BlockBasedFileDatasink):
+        """Writes scored blocks as part files and returns what each write task wrote (rows,
+        error rows, rows per worker), summed on the driver in `totals`: counts of the rows
+        that reached the output, once each, whatever was retried."""
+
+        def __init__(self, path: str, *, fmt: str, json_columns: list[str], error_column: str, filesystem,
+                     min_rows_per_file: int):
+            ext = {"jsonl": "jsonl", "csv": "csv", "parquet": "parquet"}[fmt]
+            super().__init__(path, filesystem=filesystem, min_rows_per_file=min_rows_per_file,
+                             filename_provider=PartNames(ext), file_format=ext)
+            self.fmt, self.json_columns, self.error_column = fmt, json_columns, error_column
+            self.totals: dict | None = None
+
+        def write(self, blocks, ctx) -> dict:
+            tables = [t for t in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if t.num_rows]
+            if not tables:
+                return {"rows": 0, "errors": 0, "workers": {}}
+            table = pa.concat_tables(tables, promote_options="permissive")
+            workers = {r["values"]: r["counts"] for r in pc.value_counts(table.column(WORKER)).to_pylist()}
+            errors = table.num_rows - table.column(self.error_column).null_count
+            self.write_block(BlockAccessor.for_block(table.drop_columns([WORKER])), 0, ctx)
+            return {"rows": table.num_rows, "errors": errors, "workers": workers}
+
+        def write_block_to_file(self, block, file) -> None:
+            _write_table(block.to_arrow(), file, self.fmt, self.json_columns)
+
+        def on_write_complete(self, write_result) -> None:
+            # (not the parent's: it deletes a folder that got no rows; an empty input still
+            # publishes an output with its manifest)
+            totals = {"rows": 0, "errors": 0, "workers": {}}
+            for r in write_result.write_returns:
+                totals["rows"] += r["rows"]
+                totals["errors"] += r["errors"]
+                for w, n in r["workers"].items():
+                    totals["workers"][w] = totals["workers"].get(w, 0) + n
+            self.totals = totals
+
+    return ScoredFiles
+
+
+# ------------------------------------------------------------------ the job
+
+
+def _check_cluster(config: ScoreConfig, ray) -> None:
+    """After Ray starts, before any Data work: a pool that can never start, or local paths
+    that other nodes cannot see, are config errors."""
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    if config.min_actors * config.cpus_per_actor > cpus:
+        raise ConfigError(f"min_actors {config.min_actors} x cpus_per_actor {config.cpus_per_actor} needs more "
+                          f"than the cluster's {cpus:g} CPUs: the pool could never start")
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    local = [k for k in ("model", "input", "output") if not is_uri(getattr(config, k))]
+    if nodes > 1 and local and not config.shared_filesystem:
+        raise ConfigError(f"{', '.join(local)}: local path(s) on a {nodes}-node cluster; give URIs (s3://, gs://) "
+                          f"or set score.shared_filesystem = true for paths every node mounts")
+
+
+def _read(found: Plan, fs):
+    import pyarrow as pa
+    import ray
+
+    files = list(found.files)
+    if found.format == "parquet":
+        return ray.data.read_parquet(files, filesystem=fs, file_extensions=None)
+    text_types = {c: pa.string() for c in (found.text, found.text_b) if c}
+    if found.format == "csv":
+        import pyarrow.csv as pacsv
+
+        # text stays text (a column of numbers would be read as int64) and "" stays "" (-> empty)
+        return ray.data.read_csv(files, filesystem=fs, file_extensions=None,
+                                 convert_options=pacsv.ConvertOptions(column_types=text_types))
+    import pyarrow.json as pajson
+
+    schema = pa.schema([*text_types.items(), *([(found.words, pa.list_(pa.string()))] if found.words else [])])
+    return ray.data.read_json(files, filesystem=fs, file_extensions=None,  # (Arrow reads JSON lines)
+                              parse_options=pajson.ParseOptions(explicit_schema=schema,
+                                                                unexpected_field_behavior="infer"))
+
+
+def score(config: ScoreConfig, log=print, found: Plan | None = None) -> dict:
+    """Score `config.input` into `config.output`; returns the manifest (also written there).
+    Config, model, input and output are checked (`plan`, unless given) before Ray starts."""
+    found = found or plan(config)
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    _check_cluster(config, ray)
+    t0 = time.perf_counter()
+    ctx = ray.data.DataContext.get_current()  # a Dataset copies it when created: set, build, restore
+    settings = {"enable_progress_bars": config.progress, "enable_rich_progress_bars": True, "use_ray_tqdm": False}
+    saved = {k: getattr(ctx, k) for k in settings}, ctx.execution_options.preserve_order
+    for k, v in settings.items():
+        setattr(ctx, k, v)
+    ctx.execution_options.preserve_order = config.preserve_order
+    try:
+        ds = _read(found, filesystem(config.input)[0]).repartition(target_num_rows_per_block=config.rows_per_block)
+        ds = ds.map_batches(
+            Scorer, batch_format="pyarrow", batch_size=config.rows_per_block, num_cpus=config.cpus_per_actor,
+            compute=ray.data.ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
+            fn_constructor_kwargs=dict(model=os.path.abspath(config.model), plan=found, prefix=config.prefix,
+                                       batch_size=config.batch_size, max_seq_len=config.max_seq_len,
+                                       quantize=config.quantize, threads=max(1, int(config.cpus_per_actor))))
+        with Staging(config.output, log=log) as staging:
+            out_fs, tmp_root = filesystem(staging.tmp)
+            added = found.added(config.prefix)
+            sink = _sink_class()(tmp_root, fmt=found.output_format, filesystem=out_fs,
+                                 json_columns=[c for c in added if c[len(config.prefix):] in JSON_COLUMNS],
+                                 error_column=config.prefix + "error", min_rows_per_file=config.rows_per_file)
+            ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})  # see the module docstring
+            seconds = time.perf_counter() - t0
+            totals = sink.totals or {"rows": 0, "errors": 0, "workers": {}}
+            manifest = {
+                **totals, "actors": len(totals["workers"]), "seconds": round(seconds, 3),
+                "rows_per_s": round(totals["rows"] / seconds, 1) if seconds else None,
+                "kind": found.kind, "format": found.format, "output_format": found.output_format,
+                "input_files": len(found.files), "columns_added": added,
+                "json_columns": [c for c in added if c[len(config.prefix):] in JSON_COLUMNS],
+                "read": {"text": found.text, "text_b": found.text_b, "words": found.words},
+                "config": dataclasses.asdict(config), "ray_version": ray.__version__,
+            }
+            staging.publish(MARKER, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    finally:
+        for k, v in saved[0].items():
+            setattr(ctx, k, v)
+        ctx.execution_options.preserve_order = saved[1]
+    return manifest
+
+
+# ------------------------------------------------------------------ the command
+
+DESCRIPTION = """\
+Score a table with a classifier folder (cloze finetune output, or an HF
+BertForSequenceClassification / BertForTokenClassification folder) using Ray Data:
+map_batches on an actor pool (one model per actor) that grows from min_actors to
+max_actors while there is a backlog.
+
+Input: a CSV / JSONL / Parquet file or a folder of them, local or a URI (s3://...). The
+text is in `text` (or `text_a` + `text_b`; see --score.text_column); token classifiers
+read a `tokens` list column when present, else split `text` into words.
+
+Output (a folder of part files + manifest.json, in --score.output_format, default the
+input's): every input column, plus label, score, probs, truncated, error (sequence) or
+tags, spans, truncated, error (token). probs / tags / spans are JSON text in CSV and
+Parquet, JSON values in JSONL. A row with missing, null or blank text gets its reason in
+`error` and null predictions; the manifest counts rows, error rows and rows per actor.
+The output is written under a temporary name and published complete; an existing output
+is refused unless --score.overwrite true."""
+
+
+def cmd_score(args, overrides: dict[str, Any]) -> int:
+    try:
+        bad = next((k for k in overrides if k.split(".", 1)[0] != "score"), None)
+        if bad:
+            raise ConfigError(f"{bad}: `cloze score` reads only the [score] table")
+        flags = {f"score.{k}": getattr(args, k) for k in ("model", "input", "output") if getattr(args, k)}
+        config = ScoreConfig.from_toml(args.config, {**overrides, **flags})
+        found = plan(config)
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        import logging
+
+        import ray.data  # noqa: F401  (configures its loggers on import: quiet them after)
+
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # the progress bar says it better
+        manifest = score(config, found=found)
+    except ConfigError as e:
+        print(f"cloze score: error: {e}", file=sys.stderr)
+        return 2
+    print(f"cloze score: {manifest['rows']:,} rows scored ({manifest['errors']:,} error rows) by "
+          f"{manifest['actors']} actor(s) in {manifest['seconds']:.1f} s ({manifest['rows_per_s'] or 0:,.0f} rows/s); "
+          f"output {config.output}")
+    return 0
+
+
+def add_command(subparsers) -> None:
+    from .cli import _table_help
+
+    p = subparsers.add_parser("score", help="score a table with a classifier (Ray Data, autoscaled actor pool)",
+                              description=DESCRIPTION, epilog=_table_help(ScoreConfig, "score"),
+                              formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("--model", metavar="DIR", help="the classifier folder (sets score.model)")
+    p.add_argument("--input", metavar="PATH", help="file or folder (CSV / JSONL / Parquet), local or URI (sets score.input)")
+    p.add_argument("--output", metavar="PATH", help="the output folder, local or URI; must not exist (sets score.output)")
+    p.add_argument("--config", metavar="FILE.toml", help="TOML file; its [score] table is read")
+    p.set_defaults(run=cmd_score)
