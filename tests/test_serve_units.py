@@ -1,0 +1,113 @@
+"""`cloze serve` without Ray: settings refused before anything starts (exit 2, one line), the
+token-budget batch cost, and the FIFO requeue that keeps arrival order when Ray Serve defers
+the text that overflowed a batch."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+
+from encoder import ConfigError
+
+
+def test_serve_config_rejects_what_ray_serve_would_accept_silently(tmp_path):
+    from pipelines.serve_config import ServeConfig
+
+    assert ServeConfig().host == "127.0.0.1"  # loopback unless told otherwise
+    with pytest.raises(ConfigError, match="max_ongoing_requests .8. < serve.max_batch_size .32."):
+        ServeConfig(max_ongoing_requests=8)
+    ServeConfig(max_ongoing_requests=8, batching="none")  # no batch to fill
+    with pytest.raises(ConfigError, match="serve.max_queued_requests must be >= 1"):
+        ServeConfig(max_queued_requests=-1)  # Ray's "unbounded"
+    with pytest.raises(ConfigError, match="serve.max_replicas must be >= min_replicas"):
+        ServeConfig(min_replicas=3, max_replicas=2)
+    with pytest.raises(ConfigError, match="serve.batching must be one of tokens, count, none"):
+        ServeConfig(batching="dynamic")
+    with pytest.raises(ConfigError, match="serve.quantize"):
+        ServeConfig(quantize="int4")
+    with pytest.raises(ConfigError, match="max_batch_tokens .64. < the model's max_seq_len .128."):
+        ServeConfig(max_batch_tokens=64).check_model(128)
+    toml = tmp_path / "serve.toml"
+    toml.write_text("[serve]\nport = 9001\nbatching = \"count\"\n")
+    cfg = ServeConfig.from_toml(toml, {"serve.max_batch_size": 16})
+    assert (cfg.port, cfg.batching, cfg.max_batch_size, cfg.autoscaling) == (9001, "count", 16, False)
+    assert ServeConfig(num_cpus=0.5).threads == 1 and ServeConfig(num_cpus=2).threads == 2
+    with pytest.raises(ConfigError, match="unknown config key serve.colour"):
+        ServeConfig.from_toml(None, {"serve.colour": "red"})
+    with pytest.raises(ConfigError, match="pretrain.lr: `cloze serve` reads only the .serve. table"):
+        ServeConfig.from_toml(None, {"pretrain.lr": 1.0})
+    with pytest.raises(ConfigError, match="serve.port: expected an integer"):
+        ServeConfig.from_toml(None, {"serve.port": "eighty"})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "/nonexistent/model"], "not a classifier folder"),
+    (["serve", "MODEL", "--serve.max_ongoing_requests", "4"], "max_ongoing_requests (4) < serve.max_batch_size"),
+    (["serve", "MODEL", "--serve.nope", "1"], "unknown config key serve.nope"),
+    (["serve"], "MODEL_DIR is required"),
+    (["serve", "MODEL", "--model", "MODEL"], "give MODEL_DIR to start serving, or --model"),
+    (["serve", "--model", "MODEL", "--port", "1"], "no `cloze serve` found on port 1"),
+])
+def test_cli_refuses_bad_input_before_ray_with_exit_2(argv, message, tmp_path, capsys, monkeypatch):
+    import ray
+
+    from pipelines.cli import main
+    from test_serve_inference import tiny_classifier
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init called for bad input"))
+    model = tiny_classifier(tmp_path / "m") if "MODEL" in argv else ""
+    assert main([model if a == "MODEL" else a for a in argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cloze serve: error: ") and message in lines[0], lines
+
+
+def test_the_console_script_exits_2_on_a_bad_folder(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "serve", str(tmp_path)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "not a classifier folder" in out.stderr
+
+
+def test_token_budget_cost_caps_tokens_and_texts():
+    from pipelines.serve_batching import Item, batch_cost
+
+    cost = batch_cost(max_batch_tokens=100, max_batch_size=4)
+    items = [Item("logits", None, n, 0.0) for n in (10, 20, 30, 40, 50)]
+    assert cost(items[:1]) == 25  # one text costs at least its share (100 / 4) of the budget
+    assert cost(items[:3]) == 75 and cost(items[2:4]) == 70  # real tokens when they dominate
+    assert cost(items[:4]) == 100  # full at exactly the budget: accepted
+    assert cost(items) > 100  # 150 tokens: over
+    assert cost([Item("logits", None, 1, 0.0)] * 5) > 100  # 5 tiny texts: over by count
+
+
+def test_a_deferred_text_goes_back_to_the_front():
+    """Replays Ray Serve 2.60's wait_for_batch protocol (get, get_nowait until the budget
+    overflows, put_nowait of the overflowing item) and checks batches leave in order."""
+    from pipelines.serve_batching import FrontRequeue
+
+    async def batches(queue_cls, sizes, budget):
+        q = queue_cls()
+        for i, n in enumerate(sizes):
+            q.put_nowait((i, n))
+        out = []
+        while not q.empty():
+            first = await q.get()
+            batch, used = [first], first[1]
+            while not q.empty():
+                nxt = q.get_nowait()
+                if used + nxt[1] > budget:
+                    q.put_nowait(nxt)  # Ray: "goes to the back of the queue"
+                    break
+                batch.append(nxt)
+                used += nxt[1]
+            out.append([i for i, _ in batch])
+        return out
+
+    sizes = [60, 30, 60, 10, 10, 90]  # text 2 overflows the first batch
+    plain = asyncio.run(batches(asyncio.Queue, sizes, 100))
+    fifo = asyncio.run(batches(FrontRequeue, sizes, 100))
+    assert plain[1][0] != 2  # with Ray's own queue, text 2 is overtaken
+    assert fifo == [[0, 1], [2, 3, 4], [5]]
+    assert [i for b in fifo for i in b] == list(range(len(sizes)))
