@@ -150,8 +150,12 @@ def cmd_submit(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         print(f"cloze submit: note: {note}")
     _quiet_sdk()
     entrypoint = "python -u -m pipelines.cli " + shlex.join(cloze_args)
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env, submission_id=args.job_id,
-                               metadata={"cloze_command": shlex.join(cloze_args)})
+    try:
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env, submission_id=args.job_id,
+                                   metadata={"cloze_command": shlex.join(cloze_args)})
+    except (RuntimeError, ValueError) as e:  # a taken --job-id, a runtime_env Ray will not take
+        print(f"cloze submit: error: the job server refused the job: {e}", file=sys.stderr)
+        return 2
     print(f"cloze submit: job {job_id} submitted to {address}: cloze {shlex.join(cloze_args)}")
     where = "" if args.address is None else f" --address {address}"
     if args.no_wait:
@@ -182,18 +186,22 @@ def _follow(client, job_id: str) -> str:
     """Print the job's logs as they come until it ends; returns its final status."""
     import asyncio
 
+    import aiohttp
+
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
             sys.stdout.write(chunk)
             sys.stdout.flush()
 
-    asyncio.run(tail())
-    for _ in range(50):  # the stream closes at the end; the status lands a moment later
+    try:
+        asyncio.run(tail())
+    except (RuntimeError, OSError, aiohttp.ClientError) as e:  # the stream broke (a proxy, the network): the job goes on
+        print(f"cloze: the log stream of job {job_id} broke ({e}); waiting for the job to end", file=sys.stderr)
+    while True:  # the stream closes at the end; the status lands a moment later
         status = str(client.get_job_status(job_id))
         if status in TERMINAL:
             return status
-        time.sleep(0.2)
-    return status
+        time.sleep(0.5)
 
 
 # ------------------------------------------------------------------ jobs

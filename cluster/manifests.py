@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 GPU = "nvidia.com/gpu"
+AWS_GPU_FAMILIES = ("p3", "p4d", "p4de", "p5", "p5e", "g4dn", "g5", "g6", "g6e")  # EC2 types with NVIDIA GPUs
 KINDS = {"RayJob": "rayjobs", "RayService": "rayservices", "RayCluster": "rayclusters"}
 
 # ObjectMeta's fields a manifest may set (the API server knows these and nothing else)
@@ -193,14 +194,30 @@ def lint_serve_config(text: str, repo: Path = REPO) -> list[str]:
     except Exception as e:  # noqa: BLE001 - pydantic's ValidationError lists every problem
         problems.append(f"serveConfigV2: {e}")
     for i, app in enumerate(config.get("applications", []) if isinstance(config, dict) else []):
-        module = str(app.get("import_path", "")).partition(":")[0]
-        file = repo / Path(*module.split("."))
-        if not (file.with_suffix(".py").is_file() or (file / "__init__.py").is_file()):
-            problems.append(f"serveConfigV2/applications/{i}/import_path: {app.get('import_path')!r}: no module "
-                            f"{module} in this repository")
+        problem = import_path_problem(str(app.get("import_path", "")), repo)
+        if problem:
+            problems.append(f"serveConfigV2/applications/{i}/import_path: {app.get('import_path')!r}: {problem}")
         if "runtime_env" in app:
             problems += lint_runtime_env(app["runtime_env"], f"serveConfigV2/applications/{i}/runtime_env", repo)
     return problems
+
+
+def import_path_problem(import_path: str, repo: Path = REPO) -> str | None:
+    """Why `module:name` names nothing in this repository: no such module file, or no
+    top-level `name` in it (read with ast: importing the module would need its dependencies)."""
+    import ast
+
+    # Ray Serve takes `module:name` and `module.name`
+    module, _, name = import_path.partition(":") if ":" in import_path else import_path.rpartition(".")
+    base = repo / Path(*module.split("."))
+    file = base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py"
+    if not module or not file.is_file():
+        return f"no module {module} in this repository"
+    tree = ast.parse(file.read_text())
+    defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    defined |= {t.id for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))
+                for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
+    return None if name in defined else f"{file.relative_to(repo)} defines no {name}"
 
 
 def unknown_keys(model: type, value: Any, where: str) -> list[str]:
@@ -290,10 +307,9 @@ def lint_launcher(config: dict, repo: Path = REPO) -> list[str]:
         problems.append(f"docker/image: {image!r} is not rayproject/ray:{pin}-... (the pinned Ray)")
     for name, node in types.items():
         instance = str(node.get("node_config", {}).get("InstanceType", ""))
-        if instance.split(".")[0] in ("p3", "p4d", "p4de", "p5", "g4dn", "g5", "g6") and not node["resources"].get("GPU"):
+        if instance.split(".")[0] in AWS_GPU_FAMILIES and not node.get("resources", {}).get("GPU"):
             problems.append(f"available_node_types/{name}/resources/GPU: {instance} has GPUs; declare them")
-    starts = {"head_start_ray_commands": "--head", "worker_start_ray_commands": "--address"}
-    for key, marker in starts.items():
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         lines = [c for c in config.get(key, []) if "ray start" in c]
         if not lines or not all("RAY_AUTH_MODE=token" in c for c in lines):
             problems.append(f"{key}: `ray start` must run with RAY_AUTH_MODE=token")

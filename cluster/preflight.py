@@ -44,6 +44,8 @@ def check_command(args: list[str], working_dir: Path) -> list[str]:
     except ConfigError as e:
         raise ClusterError(f"cloze {ns.command}: {e}") from None
     config = getattr(ns, "config", None)
+    if ns.command == "run" and not config:
+        config = "configs/local.toml"  # what `cloze run` reads without --config
     if not config:
         return []
     path = Path(config)

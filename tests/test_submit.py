@@ -320,6 +320,8 @@ def test_mistakes_found_before_submitting_create_no_job(cluster, work, cli):
     assert status == 2 and "unknown config key pretrain.max_stepz" in err
     status, _, err = cli("submit", *auth, "--use-cluster-env", "--", *run_args(work, "--data.inputs", '["/nowhere"]'))
     assert status == 2 and "input '/nowhere': no such file or folder" in err
+    status, _, err = cli("submit", *auth, "--use-cluster-env", "--job-id", "cz-dag", "--", *run_args(work))
+    assert status == 2 and "the job server refused the job" in err and "cz-dag" in err  # the id is taken
     (closed,) = _free_ports(1)
     status, _, err = cli("submit", "--address", f"http://127.0.0.1:{closed}", "--token-file", str(cluster.token_file),
                          "--use-cluster-env", "--", *run_args(work))
