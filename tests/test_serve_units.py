@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +42,8 @@ def test_serve_config_rejects_what_ray_serve_would_accept_silently(tmp_path):
         ServeConfig.from_toml(None, {"pretrain.lr": 1.0})
     with pytest.raises(ConfigError, match="serve.port: expected an integer"):
         ServeConfig.from_toml(None, {"serve.port": "eighty"})
+    sample = ServeConfig.from_toml(Path(__file__).parent.parent / "configs" / "serve.toml")
+    assert (sample.batching, sample.num_cpus, sample.threads) == ("tokens", 2.0, 2)
 
 
 @pytest.mark.parametrize("argv, message", [
