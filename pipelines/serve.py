@@ -95,6 +95,23 @@ def application(model_dir: str, cfg: ServeConfig, auth_digest: str | None):
     return deployment.bind(model_dir, cfg.to_dict(), auth_digest)
 
 
+def app_builder(args: dict):
+    """`import_path: pipelines.serve:app_builder` for `serve run` / a RayService's
+    serveConfigV2, with `args: {model_dir: DIR, <any [serve] key>: value}`. There Serve's own
+    config sets host and port, and the JSON error layer of the proxy needs
+    RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=pipelines.serve_http:proxy_middlewares in the
+    nodes' environment; the token comes from CLOZE_API_TOKEN where this builder runs."""
+    from .serve_http import token_digest
+
+    args = dict(args)
+    if "model_dir" not in args:
+        raise ConfigError("app_builder args need model_dir")
+    model_dir = args.pop("model_dir")
+    cfg = ServeConfig.from_dict(args)
+    token = os.environ.get("CLOZE_API_TOKEN")
+    return application(check_model(model_dir, cfg), cfg, token_digest(token) if token else None)
+
+
 def _start_serve(cfg: ServeConfig) -> str:
     """Start Serve's proxy on cfg's host and port (with the JSON error layer), or reuse a
     running one on the same address; returns the base URL."""

@@ -119,6 +119,8 @@ class Replica:
     async def _timed_forward(self, items: list[Item]) -> list[tuple[torch.Tensor, float, float]]:
         start = time.perf_counter()
         self.metrics.queue.dec(len(items))
+        for i in items:
+            i.started = True
         rows = await asyncio.to_thread(self._forward, items)
         took = time.perf_counter() - start
         self.metrics.batch(len(items), sum(i.tokens for i in items), took)
@@ -135,14 +137,17 @@ class Replica:
         now = time.perf_counter()
         items = [Item(op, row, len(row.input_ids[0]), now) for row in enc.rows()]
         self.metrics.queue.inc(len(items))
-        if self._batched is None:
-            async with self._lock:
-                results = await self._timed_forward(items)
-        else:
-            if self._fifo_pending:
-                keep_fifo(self._batched)
-                self._fifo_pending = False
-            results = await asyncio.gather(*(self._batched(i) for i in items))
+        try:
+            if self._batched is None:
+                async with self._lock:
+                    results = await self._timed_forward(items)
+            else:
+                if self._fifo_pending:
+                    keep_fifo(self._batched)
+                    self._fifo_pending = False
+                results = await asyncio.gather(*(self._batched(i) for i in items))
+        finally:  # a client that went away: Serve drops its texts from the queue unrun
+            self.metrics.queue.dec(sum(1 for i in items if not i.started))
         return [r for r, _, _ in results], max(q for _, q, _ in results), max(t for _, _, t in results)
 
     # ------------------------------------------------------------ routes (called by serve_schema)

@@ -31,6 +31,7 @@ class Item:
     enc: Encoded  # one row
     tokens: int  # its real tokens
     enqueued: float  # perf_counter() when it was handed to the batcher
+    started: bool = False  # its forward pass began (a request cancelled before that never starts)
 
 
 def batch_cost(max_batch_tokens: int, max_batch_size: int) -> Callable[[list[Item]], int]:

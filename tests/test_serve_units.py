@@ -114,3 +114,27 @@ def test_a_deferred_text_goes_back_to_the_front():
     assert plain[1][0] != 2  # with Ray's own queue, text 2 is overtaken
     assert fifo == [[0, 1], [2, 3, 4], [5]]
     assert [i for b in fifo for i in b] == list(range(len(sizes)))
+
+
+def test_the_serve_application_carries_the_settings(tmp_path, monkeypatch):
+    """What Ray Serve is asked for (no Ray needed to build it): queue bounds, 429 with
+    Retry-After, CPUs, autoscaling; and the `serve run` / RayService builder."""
+    from pipelines.serve import app_builder, application
+    from pipelines.serve_config import ServeConfig
+    from pipelines.serve_http import token_digest
+    from test_serve_inference import tiny_classifier
+
+    folder = tiny_classifier(tmp_path / "m")
+    cfg = ServeConfig(min_replicas=1, max_replicas=3, upscale_delay_s=2, num_cpus=0.5, max_queued_requests=7)
+    d = application(folder, cfg, None)._bound_deployment
+    auto = d._deployment_config.autoscaling_config
+    assert (d.max_ongoing_requests, d.max_queued_requests, d.ray_actor_options["num_cpus"]) == (64, 7, 0.5)
+    assert (auto.min_replicas, auto.max_replicas, auto.upscale_delay_s) == (1, 3, 2)
+    assert d._deployment_config.backpressure_config.status_code == 429
+    assert application(folder, ServeConfig(min_replicas=2, max_replicas=2), None)._bound_deployment.num_replicas == 2
+    monkeypatch.setenv("CLOZE_API_TOKEN", "s3cret")
+    built = app_builder({"model_dir": folder, "batching": "count", "max_batch_size": 8})._bound_deployment
+    assert built.init_args[0] == folder and built.init_args[1]["batching"] == "count"
+    assert built.init_args[2] == token_digest("s3cret") and "s3cret" not in repr(built.init_args)
+    with pytest.raises(ConfigError, match="unknown config key serve.bogus"):
+        app_builder({"model_dir": folder, "bogus": 1})
