@@ -163,12 +163,13 @@ def swap(model_dir: str, name: str = "cloze", timeout_s: float = 300.0) -> dict:
     folder = check_model(model_dir, cfg)
     serve.run(application(folder, cfg, current["auth_digest"]), name=name, route_prefix="/")
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:  # serve.run returns once the new version is up; old ones may still drain
+    while True:  # serve.run returns once the new version is up; old replicas may still be draining
         status = serve.status().applications[name].deployments[DEPLOYMENT]
         if str(status.status).endswith("HEALTHY") and not status.replica_states.get("STOPPING"):
-            break
+            return handle.describe.remote().result(timeout_s=60)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the swap to {folder} did not settle within {timeout_s:.0f} s: {status.replica_states}")
         time.sleep(0.5)
-    return handle.describe.remote().result(timeout_s=60)
 
 
 def shutdown() -> None:
@@ -185,15 +186,27 @@ def _config(args: argparse.Namespace, overrides: dict[str, Any]) -> ServeConfig:
     return ServeConfig.from_toml(args.config, {**overrides, **flags})
 
 
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port") from None
+
+
 def _serve_forever(args: argparse.Namespace, cfg: ServeConfig) -> int:
     import signal
     import threading
 
     import ray
 
-    folder = check_model(args.model_dir, cfg)  # before Ray starts
+    if not args.address:  # a fresh local Ray: nothing of ours holds the port yet
+        _check_port(cfg.host, cfg.port)
     stop = threading.Event()
-    url = deploy(folder, cfg, address=args.address)
+    url = deploy(args.model_dir, cfg, address=args.address)  # checks the folder before Ray starts
+    folder = str(Path(args.model_dir).expanduser().resolve())
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM handler
         signal.signal(sig, lambda *_: stop.set())
     state = state_file(cfg.port)

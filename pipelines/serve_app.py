@@ -55,7 +55,8 @@ def provenance(folder: str) -> dict:
 
 
 class Replica:
-    """The deployment class (`serve_deploy` wraps it with `serve.deployment` and `serve.ingress`)."""
+    """The deployment class (`pipelines.serve.application` wraps it with `serve.ingress` and
+    `serve.deployment`); its ASGI app is built per replica by `serve_schema.build_api`."""
 
     def __init__(self, model_dir: str, config: dict, auth_digest: str | None = None):
         from ray import serve
@@ -68,10 +69,7 @@ class Replica:
                                    batch_size=self.cfg.max_batch_size, quantize=self.cfg.quantize,
                                    threads=self.cfg.threads)
         self.name = Path(self.model_dir).name
-        try:
-            self.replica_id = serve.get_replica_context().replica_id.unique_id
-        except Exception:  # outside a replica (a unit test): no id to report
-            self.replica_id = "local"
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.metrics = ReplicaMetrics(self.replica_id, self.name)
         self.info = {"name": self.name, "task": self.predictor.kind, "labels": self.predictor.labels,
                      "max_seq_len": self.predictor.max_seq_len,
@@ -86,13 +84,11 @@ class Replica:
         if self.cfg.batching == "none":
             self._batched = None
         else:
-            from ray import serve
-
             size_fn = batch_cost(self.cfg.max_batch_tokens, self.cfg.max_batch_size) \
                 if self.cfg.batching == "tokens" else None
             cap = self.cfg.max_batch_tokens if size_fn else self.cfg.max_batch_size
             self._batched = serve.batch(max_batch_size=cap, batch_wait_timeout_s=self.cfg.batch_wait_timeout_s,
-                                        batch_size_fn=size_fn)(self._run_batch)
+                                        batch_size_fn=size_fn)(self._timed_forward)
 
     def __serve_build_asgi_app__(self):
         from .serve_schema import build_api
@@ -127,9 +123,6 @@ class Replica:
         for i in items:
             self.metrics.queue_time.observe(start - i.enqueued)
         return [(row, start - i.enqueued, took) for row, i in zip(rows, items)]
-
-    async def _run_batch(self, items: list[Item]) -> list[tuple[torch.Tensor, float, float]]:
-        return await self._timed_forward(items)
 
     async def infer(self, op: str, enc: Encoded) -> tuple[list[torch.Tensor], float, float]:
         """Rows of output for the encoded texts, plus the request's queue and inference time

@@ -138,3 +138,20 @@ def test_the_serve_application_carries_the_settings(tmp_path, monkeypatch):
     assert built.init_args[2] == token_digest("s3cret") and "s3cret" not in repr(built.init_args)
     with pytest.raises(ConfigError, match="unknown config key serve.bogus"):
         app_builder({"model_dir": folder, "bogus": 1})
+
+
+def test_a_port_in_use_is_refused_before_ray(tmp_path, capsys, monkeypatch):
+    import socket
+
+    import ray
+
+    from pipelines.cli import main
+    from test_serve_inference import tiny_classifier
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init called for a busy port"))
+    folder = tiny_classifier(tmp_path / "m")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["serve", folder, "--port", str(busy.getsockname()[1])]) == 2
+    assert "cannot listen on 127.0.0.1:" in capsys.readouterr().err
