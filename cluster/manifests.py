@@ -21,6 +21,7 @@ from typing import Any, Iterator
 REPO = Path(__file__).resolve().parent.parent
 GPU = "nvidia.com/gpu"
 AWS_GPU_FAMILIES = ("p3", "p4d", "p4de", "p5", "p5e", "g4dn", "g5", "g6", "g6e")  # EC2 types with NVIDIA GPUs
+CLOZE_BUILDER = "pipelines.serve:app_builder"  # `cloze serve`'s app for serveConfigV2
 KINDS = {"RayJob": "rayjobs", "RayService": "rayservices", "RayCluster": "rayclusters"}
 
 # ObjectMeta's fields a manifest may set (the API server knows these and nothing else)
@@ -197,9 +198,26 @@ def lint_serve_config(text: str, repo: Path = REPO) -> list[str]:
         problem = import_path_problem(str(app.get("import_path", "")), repo)
         if problem:
             problems.append(f"serveConfigV2/applications/{i}/import_path: {app.get('import_path')!r}: {problem}")
+        elif app.get("import_path") == CLOZE_BUILDER:
+            problems += [f"serveConfigV2/applications/{i}/args: {p}" for p in cloze_args_problems(app.get("args"))]
         if "runtime_env" in app:
             problems += lint_runtime_env(app["runtime_env"], f"serveConfigV2/applications/{i}/runtime_env", repo)
     return problems
+
+
+def cloze_args_problems(args: Any) -> list[str]:
+    """The args of cloze's own app builder: `model_dir` and keys of the [serve] table, checked
+    by the loader `cloze serve` uses (Serve passes args through unchecked)."""
+    from pipelines.config import ConfigError
+    from pipelines.serve_config import ServeConfig
+
+    if not isinstance(args, dict) or not args.get("model_dir"):
+        return ["needs model_dir (the classifier folder, a path inside the pods)"]
+    try:
+        ServeConfig.from_dict({k: v for k, v in args.items() if k != "model_dir"})
+    except ConfigError as e:
+        return [str(e)]
+    return []
 
 
 def import_path_problem(import_path: str, repo: Path = REPO) -> str | None:
