@@ -1,4 +1,5 @@
-"""`cloze serve` in operation: NER spans from a token classifier over HTTP; a replica killed
+"""`cloze serve` in operation: NER spans from a token classifier over HTTP; overload refused
+with 429 + Retry-After from a bounded queue; a replica killed
 under load (client retries on 503/429 keep success >= 99.9%, the deployment heals);
 autoscaling up under load and back down; and the command itself: start, hot swap from a
 second process, Ctrl-C -> exit 0."""
@@ -87,6 +88,28 @@ def test_entities_are_typed_spans_with_character_offsets(serving, folders, app_c
     r = requests.post(url + "/v1/classify", json={"texts": texts}, timeout=60)
     assert r.status_code == 422 and error_shape(r)["error_type"] == "wrong_model_kind"
     assert requests.get(url + "/v1/model", timeout=30).json()["task"] == "token"
+
+
+def test_overload_is_a_429_with_retry_after(serving, folders, app_cleanup):
+    """48 simultaneous requests against one in flight and one queued: the others are refused
+    at once with 429 + Retry-After, in the JSON shape; the admitted ones succeed."""
+    url = serving(folders["seq"], num_cpus=0.5, batching="none", max_ongoing_requests=1, max_queued_requests=1,
+                  retry_after_s=2)
+    body = json.dumps({"texts": [TEXTS[0] * 12] * 32}).encode()  # serialized once: the threads only send
+    barrier = threading.Barrier(48)
+
+    def one(_):
+        barrier.wait(timeout=30)
+        return requests.post(url + "/v1/classify", data=body, headers={"content-type": "application/json"},
+                             timeout=60)
+
+    with ThreadPoolExecutor(48) as pool:
+        answers = list(pool.map(one, range(48)))
+    codes = sorted({a.status_code for a in answers})
+    assert codes == [200, 429], codes
+    refused = [a for a in answers if a.status_code == 429]
+    assert len(refused) >= 24 and all(a.headers["retry-after"] == "2" for a in refused)
+    assert error_shape(refused[0])["error_type"] == "overloaded"
 
 
 def test_a_killed_replica_costs_no_request_and_heals(serving, folders, app_cleanup):
