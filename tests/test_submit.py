@@ -111,7 +111,7 @@ def _client_env(home: Path) -> dict[str, str]:
 def cloze(args: list[str], home: Path) -> subprocess.CompletedProcess:
     """The `cloze` command in a process of its own (what a user runs)."""
     return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, env=_client_env(home),
-                          capture_output=True, text=True, timeout=240)
+                          capture_output=True, text=True, timeout=360)
 
 
 def _articles(dest: Path, count: int = 64) -> Path:
@@ -215,7 +215,7 @@ def test_submitted_dag_survives_a_killed_train_worker_and_succeeds(cluster, work
         try:
             # once Ray Train has registered the first checkpoint (its snapshot names it: the files
             # alone are not enough), SIGKILL the training worker: it must restart from there
-            deadline, killed = time.monotonic() + 240, None
+            deadline, killed = time.monotonic() + 360, None  # bounds for a loaded machine
             while killed is None and time.monotonic() < deadline and submit.poll() is None:
                 snapshots = list((work / "runs").glob("pretrain-*/checkpoint_manager_snapshot.json"))
                 if snapshots and f"checkpoint_{EVERY:08d}" in snapshots[0].read_text():
@@ -224,7 +224,7 @@ def test_submitted_dag_survives_a_killed_train_worker_and_succeeds(cluster, work
                         killed = workers[0].pid
                         os.kill(killed, signal.SIGKILL)
                 time.sleep(0.1)
-            submit.wait(timeout=240)
+            submit.wait(timeout=360)
         finally:
             if submit.poll() is None:
                 submit.kill()
