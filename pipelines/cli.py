@@ -192,13 +192,14 @@ RUN_DESCRIPTION = """\
 Run the whole pipeline as one Ray DAG: data (Ray Data pairs) -> pretrain (Ray Train +
 DeepSpeed ZeRO, HF export) -> finetune (the [finetune] table: a built-in task or your
 labeled files, on the pretrained encoder) -> evaluate (the test set: eval.json, report.md,
-confusion.png). Every stage's config is read and validated before Ray starts; a stage whose
+confusion.png) -> deploy (Ray Serve, the [serve] table, 127.0.0.1 by default) -> request
+(one real HTTP request; its answer is printed). Every stage's config is read and validated before Ray starts; a stage whose
 output already holds the same input+config hash is skipped, so a rerun after an edit redoes
 only what the edit touches. One line per stage: its status, time and headline figure.
 
 Without --config the bundled local profile (configs/local.toml: BBC News, tiny model,
 2 workers, ZeRO-2, bbc-topic fine-tuning) runs; overrides use the stage tables: --data.KEY,
---model.KEY, --pretrain.KEY, --finetune.KEY. Each stage writes a folder named by its config
+--model.KEY, --pretrain.KEY, --finetune.KEY, --serve.KEY. Each stage writes a folder named by its config
 hash (runs/data-<hash>, runs/pretrain-<hash>, runs/finetune-<hash>): a changed config never
 overwrites a finished run, and a killed run resumes from its last checkpoint when started
 again."""
@@ -292,7 +293,7 @@ def cmd_run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         plan_run(config, overrides, force=args.force, until=args.until)  # validate everything before any Ray work
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         _quiet_ray_data()
-        run(config, overrides, force=args.force, until=args.until)
+        run(config, overrides, force=args.force, until=args.until, keep_serving=args.keep_serving)
     except (ConfigError, InputError) as e:
         print(f"cloze run: error: {e}", file=sys.stderr)
         return 2
@@ -346,7 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="redo STAGE (default pretrain) and every stage after it even if finished or "
                           "checkpointed (deletes those stages' folders for this config; other runs are never "
                           "touched)")
-    run.add_argument("--until", metavar="STAGE", help="stop after this stage (data, pretrain, finetune, evaluate)")
+    run.add_argument("--until", metavar="STAGE",
+                     help="stop after this stage (data, pretrain, finetune, evaluate, deploy, request)")
+    run.add_argument("--keep-serving", action="store_true",
+                     help="leave the endpoint up after the request until Ctrl-C (default: stop it and print the "
+                          "`cloze serve` command that brings it back)")
     run.set_defaults(run=cmd_run)
     _add_module_commands(sub)
     return parser

@@ -5,7 +5,7 @@ plain `.remote()` calls: a task that receives another task's ref waits for it, w
 the same dependency graph, scheduled by Ray, with no API on its way out.)
 
     data (Ray Data pairs) -> pretrain (Ray Train + DeepSpeed) -> finetune (the same core)
-         -> evaluate (test report) -> [deploy -> request]
+         -> evaluate (test report) -> deploy (Ray Serve) -> request (one real HTTP request)
 
 Every stage is a Ray task with num_cpus=0, pinned to the driver's node (the head, under
 Ray Jobs): it only drives (Ray Data / Ray Train start their own workers), so a 2-CPU
@@ -32,9 +32,8 @@ from typing import Any, Mapping
 
 from .config import ConfigError, apply_overrides, load_toml
 
-STAGES = ("data", "pretrain", "finetune", "evaluate")
-# The design's stages after evaluate: not built yet (their issue comes next).
-PLANNED = ("deploy", "request")
+STAGES = ("data", "pretrain", "finetune", "evaluate", "deploy", "request")
+DOWNSTREAM = ("finetune", "evaluate", "deploy", "request")  # need a [finetune] table
 
 
 # [pretrain] fields that change where or how a run is watched, never the weights it trains:
@@ -55,10 +54,11 @@ class RunPlan:
     force: tuple[str, ...] = ()  # stages redone even if finished (one and everything downstream)
     finetune: Any = None  # pipelines.finetune.FinetuneConfig (init wired to pretrain's model); None: no [finetune]
     until: str = STAGES[-1]  # the last stage run
+    serve: Any = None  # pipelines.serve_config.ServeConfig of the deploy stage
 
     def stages(self) -> list[str]:
         last = STAGES.index(self.until)
-        return [s for s in STAGES[:last + 1] if s not in ("finetune", "evaluate") or self.finetune is not None]
+        return [s for s in STAGES[:last + 1] if s not in DOWNSTREAM or self.finetune is not None]
 
 
 def force_from(stage: str | None) -> tuple[str, ...]:
@@ -88,10 +88,10 @@ def plan_run(config_path: str | os.PathLike | None, overrides: Mapping[str, Any]
         value = raw.get(table, {}).get(key)
         if isinstance(value, str) and value and "://" not in value:
             raw[table][key] = str(Path(value).resolve())
-    unknown = sorted(set(raw) - {"data", "model", "pretrain", "finetune"})
+    unknown = sorted(set(raw) - {"data", "model", "pretrain", "finetune", "serve"})
     if unknown:
         raise ConfigError(f"unknown config table [{unknown[0]}] (cloze run reads [data], [model], [pretrain], "
-                          f"[finetune])")
+                          f"[finetune], [serve])")
     if until is not None and until not in STAGES:
         raise ConfigError(f"--until {until}: not a stage (choose from {', '.join(STAGES)})")
     data = DataConfig.from_dict(raw.get("data", {}))
@@ -113,10 +113,15 @@ def plan_run(config_path: str | os.PathLike | None, overrides: Mapping[str, Any]
         raise ConfigError(f"pretrain.max_seq_len = {pre.max_seq_len} disagrees with data.max_seq_len = "
                           f"{data.max_seq_len}: set it in [data] only")
     fine = _plan_finetune(raw, pre)
-    if until in ("finetune", "evaluate") and fine is None:
+    if until in DOWNSTREAM and fine is None:
         raise ConfigError(f"--until {until}: the config has no [finetune] table")
+    from .serve_config import ServeConfig
+
+    serve_cfg = ServeConfig.from_dict(raw.get("serve", {}))
+    if fine is not None:
+        serve_cfg.check_model(fine.max_seq_len)
     return RunPlan(data=data, pretrain=pre, raw=raw, force=force_from("pretrain" if force is True else force),
-                   finetune=fine, until=until or STAGES[-1])
+                   finetune=fine, until=until or STAGES[-1], serve=serve_cfg)
 
 
 def _plan_finetune(raw: dict, pre) -> Any:
@@ -246,6 +251,54 @@ def _evaluate_stage(fine_out: dict, force: bool = False) -> dict:
     return _finish(out_dir, {"hash": key, "output": out_dir, **headline})
 
 
+def _deploy_stage(fine_out: dict, serve_cfg: dict, eval_out: dict | None = None) -> dict:
+    """Deploy the fine-tuned folder on Ray Serve (replicas outlive this task); runs after the
+    evaluate stage when there is one, so the endpoint never holds CPUs training needs."""
+    from .serve import deploy
+    from .serve_config import ServeConfig
+
+    cfg = ServeConfig.from_dict(serve_cfg)
+    url = deploy(fine_out["model_dir"], cfg)
+    return {"url": url, "model_dir": fine_out["model_dir"], "app": cfg.name}
+
+
+def _sample_text(fine_out: dict) -> tuple[str, str]:
+    """(route, text) of the request stage: the first test (else dev) example of the task."""
+    from .builtin_tasks import builtin_task
+    from .labeled import read_labeled
+
+    if fine_out.get("task_name"):
+        ds = builtin_task(fine_out["task_name"], "test")
+    else:
+        ds = read_labeled(fine_out.get("test") or fine_out["dev"], fine_out["task"])
+    if fine_out["task"] == "token":
+        return "/v1/entities", " ".join(ds.tokens[0])
+    return "/v1/classify", ds.texts[0]
+
+
+def request(url: str, route: str, text: str, token: str | None = None, timeout: float = 60.0) -> dict:
+    """POST one text to the endpoint; the JSON answer (raises on a non-2xx with its JSON reason)."""
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"texts": [text]}).encode()
+    headers = {"content-type": "application/json", **({"authorization": f"Bearer {token}"} if token else {})}
+    req = urllib.request.Request(url + route, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"POST {url}{route}: HTTP {e.code}: {e.read()[:300].decode(errors='replace')}") from None
+
+
+def _answer(route: str, answer: dict) -> str:
+    first = answer["results"][0] if "results" in answer else answer
+    if route == "/v1/classify":
+        return f"label: {first['label']} ({first['score']:.2f})"
+    spans = first.get("entities", first.get("spans", []))
+    return "entities: " + (", ".join(f"{e['text']} ({e['type']})" for e in spans) or "none")
+
+
 def launch_dag(plan: RunPlan) -> dict[str, Any]:
     """Submit the planned stages, each waiting on the one before; returns their ObjectRefs."""
     import ray
@@ -268,6 +321,8 @@ def launch_dag(plan: RunPlan) -> dict[str, Any]:
                                                          "finetune" in plan.force)
     if "evaluate" in stages:
         refs["evaluate"] = stage(_evaluate_stage).remote(refs["finetune"], "evaluate" in plan.force)
+    if "deploy" in stages:
+        refs["deploy"] = stage(_deploy_stage).remote(refs["finetune"], plan.serve.to_dict(), refs.get("evaluate"))
     return refs
 
 
@@ -283,6 +338,8 @@ def _headline(name: str, out: dict) -> str:
                 f"loss {out.get('metrics', {}).get('loss', float('nan')):.3f}")
     if name == "finetune":
         return f"best dev F1 {out['dev_f1']:.3f}" if out.get("dev_f1") is not None else ""
+    if name == "deploy":
+        return f"{out['url']} (Ray Serve app {out['app']!r})"
     if name == "evaluate":
         if "f1" not in out:
             return out.get("why", "")
@@ -292,9 +349,11 @@ def _headline(name: str, out: dict) -> str:
 
 
 def run(config_path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None,
-        log=print, force: str | bool | None = None, until: str | None = None) -> dict:
+        log=print, force: str | bool | None = None, until: str | None = None, keep_serving: bool = False) -> dict:
     """Run the DAG; returns the pretrain stage's result (model_dir, metrics, evals, ...) with
-    `data_dir` and one entry per later stage that ran (`finetune`, `evaluate`)."""
+    `data_dir` and one entry per later stage that ran (`finetune`, `evaluate`, `deploy`,
+    `request`). The endpoint is shut down at the end unless `keep_serving` (then this
+    returns on Ctrl-C)."""
     plan = plan_run(config_path, overrides, force, until)  # every error before Ray starts
     import ray
 
@@ -306,7 +365,7 @@ def run(config_path: str | os.PathLike | None = None, overrides: Mapping[str, An
     results: dict[str, dict] = {}
     for name, ref in refs.items():  # in DAG order: each line appears as its stage finishes
         results[name] = out = ray.get(ref)
-        where = out.get("model_dir") or out.get("output") or ""
+        where = "" if name == "deploy" else out.get("model_dir") or out.get("output") or ""
         status = "cached" if out.get("skipped") else f"done in {time.perf_counter() - t0:.0f} s"
         if out.get("resumed"):
             status += " (resumed from its last checkpoint)"
@@ -316,8 +375,37 @@ def run(config_path: str | os.PathLike | None = None, overrides: Mapping[str, An
             from .train.metrics import held_out_summary
 
             log(held_out_summary(out["evals"], prog="cloze run"))
-    not_run = [s for s in STAGES if s not in refs] + list(PLANNED)
-    log("cloze run: not run: " + ", ".join(not_run) + " (deploy and request are not built yet)")
+    if "deploy" in results:
+        try:
+            if "request" in plan.stages():
+                route, text = _sample_text(results["finetune"])
+                answer = request(results["deploy"]["url"], route, text)
+                results["request"] = {"route": route, "text": text, "answer": answer}
+                log(f"cloze run: request   POST {results['deploy']['url']}{route} {json.dumps(text[:60] + '...')}")
+                log(f"cloze run:   {_answer(route, answer)}")
+            _serving(results, plan, keep_serving, log)
+        finally:
+            if not keep_serving:
+                from .serve import shutdown
+
+                shutdown()
+    not_run = [s for s in STAGES if s not in results]
+    if not_run:
+        log("cloze run: not run: " + ", ".join(not_run))
     out = {**results.get("pretrain", {}), "data_dir": plan.data.output}
-    out.update({k: v for k, v in results.items() if k in ("finetune", "evaluate")})
+    out.update({k: v for k, v in results.items() if k in DOWNSTREAM})
     return out
+
+
+def _serving(results: dict, plan: RunPlan, keep_serving: bool, log) -> None:
+    model_dir = results["finetune"]["model_dir"]
+    again = f"cloze serve {model_dir}" + (f" --port {plan.serve.port}" if plan.serve.port != 8000 else "")
+    if not keep_serving:
+        log(f"cloze run: endpoint stopped; bring it back with: {again}")
+        return
+    log(f"cloze run: serving {results['deploy']['url']} (Ctrl-C stops it)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        log("cloze run: stopping the endpoint")

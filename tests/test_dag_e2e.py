@@ -47,10 +47,15 @@ def _overrides(tmp_path: Path, corpus: Path, **kw) -> dict:
 def test_cloze_run_dag_trains_exports_caches_and_keeps_finished_runs(ray_cluster, tmp_path):
     from pipelines.dag import run
 
+    import socket
+
     corpus = _articles(tmp_path / "corpus", 64)
     overrides = _overrides(tmp_path, corpus)
+    with socket.socket() as sock:  # a free port for the deploy stage
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     lines: list[str] = []
-    out = run(LOCAL, overrides, log=lines.append)
+    out = run(LOCAL, {**overrides, "serve.port": port}, log=lines.append)
     data_dir = Path(out["data_dir"])
     assert data_dir.parent == tmp_path and data_dir.name.startswith("data-")
     manifest = json.loads((data_dir / "manifest.json").read_text())
@@ -67,7 +72,6 @@ def test_cloze_run_dag_trains_exports_caches_and_keeps_finished_runs(ray_cluster
     assert run_config["max_seq_len"] == manifest["max_seq_len"] == 256 and run_config["data"] == str(data_dir)
     assert (model_dir / "vocab.txt").read_text() == (data_dir / "vocab.txt").read_text()
     assert out["metrics"]["step"] == 6 and "mlm/loss" in out["metrics"] and "nsp/loss" in out["metrics"]
-    assert any(line.startswith("cloze run: not run: deploy, request") for line in lines)
     assert len(manifest["shards"]) >= 2 and [e["step"] for e in out["evals"]] == [0, 3, 6]
     assert any("held-out mlm acc" in line for line in lines)
 
@@ -85,12 +89,20 @@ def test_cloze_run_dag_trains_exports_caches_and_keeps_finished_runs(ray_cluster
     report = json.loads(Path(out["evaluate"]["output"], "eval.json").read_text())
     assert report["examples"] == out["evaluate"]["examples"] > 200 and 0.0 <= report["accuracy"] <= 1.0
     assert Path(out["evaluate"]["output"], "confusion.png").is_file()
-    assert [line.split()[2] for line in lines if line.split()[2:3] and line.split()[2] in
-            ("data", "pretrain", "finetune", "evaluate")] == ["data", "pretrain", "finetune", "evaluate"]
+    stages = ("data", "pretrain", "finetune", "evaluate", "deploy", "request")
+    assert [line.split()[2] for line in lines if line.split()[2:3] and line.split()[2] in stages] == list(stages)
+    # deployed on Ray Serve and asked one real question over HTTP: a bbc-topic label came back
+    assert out["deploy"]["url"] == f"http://127.0.0.1:{port}"
+    answer = out["request"]["answer"]["results"][0]
+    assert answer["label"] in tuned["labels"] and abs(sum(answer["probs"].values()) - 1) < 1e-4
+    assert any(line.strip().startswith(f"cloze run:   label: {answer['label']}") for line in lines)
+    assert any(f"cloze serve {fine['model_dir']} --port {port}" in line for line in lines)
+    with pytest.raises(OSError):  # and the endpoint was stopped at the end
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
     # same inputs and config again: both stages are cache hits, nothing retrains
     stamp = (model_dir / "model.safetensors").stat().st_mtime_ns
-    again = run(LOCAL, overrides, log=lines.append)
+    again = run(LOCAL, overrides, log=lines.append, until="evaluate")
     assert again.get("skipped") is True and again["model_dir"] == out["model_dir"]
     assert again["finetune"]["skipped"] is True and again["evaluate"]["skipped"] is True
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp
