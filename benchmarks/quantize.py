@@ -60,7 +60,7 @@ def main() -> None:
     if args.model:
         texts, texts_b, gold = held_out(args)
     else:
-        texts, texts_b, gold = [" ".join(p.split()[:24]) for p in bbc_paragraphs()], None, None
+        texts, texts_b, gold = [" ".join(p.split()[:24]) for p in bbc_paragraphs()[:args.rows]], None, None
     speed_texts = (texts * (args.rows // len(texts) + 1))[:args.rows]
     speed_b = (texts_b * (args.rows // len(texts_b) + 1))[:args.rows] if texts_b else None
     print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f} at start")

@@ -22,6 +22,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import accumulate
+from pathlib import Path
 from typing import Any, Mapping
 
 from .config import ConfigError, apply_overrides, build_dataclass, load_toml
@@ -151,7 +152,7 @@ def _columns(fs, path: str, fmt: str) -> dict[str, Any]:
     except (OSError, pa.ArrowException) as e:
         raise ConfigError(f"input {path}: cannot read it ({e})") from None
     if fmt == "csv":
-        return dict.fromkeys(c.strip() for c in next(csv.reader(io.StringIO(head)), []))
+        return dict.fromkeys(next(csv.reader(io.StringIO(head)), []))  # as Arrow names them: unstripped
     names: dict[str, Any] = {}
     lines = head.splitlines()
     for n, line in enumerate(lines[:-1] if len(head) >= 1 << 20 else lines, start=1):  # whole lines only
@@ -167,9 +168,37 @@ def _columns(fs, path: str, fmt: str) -> dict[str, Any]:
     return names
 
 
+def _text_columns(config: ScoreConfig, kind: str, types: dict[str, Any], source: str) -> tuple[str, str, str]:
+    """(text, text_b, words): the columns the Scorer reads, checked against one file's columns."""
+    import pyarrow as pa
+
+    found = ", ".join(map(repr, types)) or "none"
+    text, text_b, words = config.text_column, config.text_b_column, ""
+    if kind == "token" and config.tokens_column in types:
+        text, words = "", config.tokens_column
+    elif text == "text" and "text" not in types and "text_a" in types:
+        text, text_b = "text_a", text_b or ("text_b" if "text_b" in types else "")
+    if kind == "token" and text_b:
+        raise ConfigError("text_b_column: a token classifier tags one text per row")
+    if text and text not in types:
+        also = (f" or a '{config.tokens_column}' column" if kind == "token" else
+                " (or 'text_a' + 'text_b' for pairs)" if text == "text" else "")
+        raise ConfigError(f"input {source}: no text column '{text}'{also}; columns found: {found}")
+    if text_b and text_b not in types:
+        raise ConfigError(f"input {source}: no text_b column '{text_b}'; columns found: {found}")
+
+    def is_text(t) -> bool:
+        return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+
+    for col, what, ok in ((text, "text", is_text), (text_b, "text", is_text),
+                          (words, "lists of words", lambda t: pa.types.is_list(t) and is_text(t.value_type))):
+        if col and types.get(col) is not None and not ok(types[col]):  # (Parquet: typed before reading)
+            raise ConfigError(f"input {source}: column '{col}' holds {types[col]}, not {what}")
+    return text, text_b, words
+
+
 def plan(config: ScoreConfig) -> Plan:
     """Check the model folder, the input and its columns, and the output, before any Ray work."""
-    import pyarrow as pa
     import pyarrow.fs as pafs
 
     from .inference import folder_kind
@@ -178,28 +207,17 @@ def plan(config: ScoreConfig) -> Plan:
     if kind is None:
         raise ConfigError(f"model {config.model}: not a classifier folder (a local folder whose config.json names "
                           f"BertForSequenceClassification or BertForTokenClassification)")
+    limit = json.loads(Path(config.model, "config.json").read_text()).get("max_position_embeddings", 512)
+    if config.max_seq_len > limit:
+        raise ConfigError(f"max_seq_len {config.max_seq_len} is past the model's {limit} positions")
+    where = [p.split("?")[0].rstrip("/") if is_uri(p) else os.path.abspath(p) for p in (config.input, config.output)]
+    local = not any(map(is_uri, where))
+    if (os.path.commonpath(where) in where) if local else where[0] == where[1]:  # one holds the other
+        raise ConfigError(f"output {config.output} and input {config.input} overlap: write the output elsewhere")
     fmt, files = _list_files(config.input, config.input_format)
     fs, _ = filesystem(config.input)
     types = _columns(fs, files[0], fmt)
-    found = ", ".join(map(repr, types)) or "none"
-    text, text_b, words = config.text_column, config.text_b_column, ""
-    if kind == "token" and config.tokens_column in types:
-        text, words = "", config.tokens_column
-    elif text == "text" and "text" not in types and "text_a" in types:
-        text, text_b = "text_a", text_b or ("text_b" if "text_b" in types else "")
-    if text and text not in types:
-        also = f" or a '{config.tokens_column}' column" if kind == "token" else (
-            " (or 'text_a' + 'text_b' for pairs)" if text == "text" else "")
-        raise ConfigError(f"input {files[0]}: no text column '{text}'{also}; columns found: {found}")
-    if kind == "token" and text_b:
-        raise ConfigError("text_b_column: a token classifier tags one text per row")
-    if text_b and text_b not in types:
-        raise ConfigError(f"input {files[0]}: no text_b column '{text_b}'; columns found: {found}")
-    is_text = lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)  # noqa: E731
-    for col, what, ok in ((text, "text", is_text), (text_b, "text", is_text), (words, "lists of words", lambda t: (
-            pa.types.is_list(t) or pa.types.is_large_list(t)) and is_text(t.value_type))):
-        if col and types.get(col) is not None and not ok(types[col]):
-            raise ConfigError(f"input {files[0]}: column '{col}' holds {types[col]}, not {what}")
+    text, text_b, words = _text_columns(config, kind, types, files[0])
     for other in files[1:] if fmt == "parquet" else ():  # footers are cheap: every file, as Ray Data will
         lacking = [c for c in (text, text_b, words) if c and c not in _columns(fs, other, fmt)]
         if lacking:
