@@ -113,18 +113,20 @@ class Plan:
 
 def _list_files(path: str, fmt: str) -> tuple[str, list[str]]:
     """(format, files) of a file or a folder of files of one format; ConfigError otherwise."""
+    import pyarrow as pa
     import pyarrow.fs as pafs
 
-    fs, root = filesystem(path)
-    info = fs.get_file_info(root)
+    try:
+        fs, root = filesystem(path)
+        info = fs.get_file_info(root)
+        listing = [info] if info.type != pafs.FileType.Directory else fs.get_file_info(
+            pafs.FileSelector(root, recursive=True))
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise ConfigError(f"input {path}: cannot list it ({e})") from None
     if info.type == pafs.FileType.NotFound:
         raise ConfigError(f"input {path}: no such file or folder")
-    if info.type == pafs.FileType.File:
-        files = [root]
-    else:
-        files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
-                       if i.type == pafs.FileType.File and not os.path.basename(i.path).startswith((".", "_"))
-                       and (fmt or os.path.splitext(i.path)[1].lower() in FORMATS))
+    files = sorted(i.path for i in listing if i.type == pafs.FileType.File and (info.type == pafs.FileType.File or (
+        not os.path.basename(i.path).startswith((".", "_")) and (fmt or os.path.splitext(i.path)[1].lower() in FORMATS))))
     found = {fmt or FORMATS.get(os.path.splitext(f)[1].lower(), "") for f in files}
     if not files:
         raise ConfigError(f"input {path}: no .csv / .jsonl / .parquet files in it")
@@ -199,6 +201,7 @@ def _text_columns(config: ScoreConfig, kind: str, types: dict[str, Any], source:
 
 def plan(config: ScoreConfig) -> Plan:
     """Check the model folder, the input and its columns, and the output, before any Ray work."""
+    import pyarrow as pa
     import pyarrow.fs as pafs
 
     from .inference import folder_kind
@@ -227,8 +230,12 @@ def plan(config: ScoreConfig) -> Plan:
     if taken:
         raise ConfigError(f"input already has column(s) {', '.join(map(repr, taken))}: set score.prefix "
                           f"(e.g. --score.prefix pred_) to name the predictions apart")
-    out_fs, out_root = filesystem(config.output)
-    if out_fs.get_file_info(out_root).type != pafs.FileType.NotFound and not config.overwrite:
+    try:
+        out_fs, out_root = filesystem(config.output)
+        exists = out_fs.get_file_info(out_root).type != pafs.FileType.NotFound
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise ConfigError(f"output {config.output}: cannot reach it ({e})") from None
+    if exists and not config.overwrite:
         raise ConfigError(f"output {config.output} already exists: pick a new path or set --score.overwrite true")
     return out
 
