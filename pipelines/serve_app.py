@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .inference import Encoded, Predictor
-from .serve_batching import Item, batch_cost, keep_fifo
+from .serve_batching import Item, adapt_batch_queue, batch_cost
 from .serve_config import ServeConfig
 
 ROUTES = ("/v1/classify", "/v1/entities", "/v1/embed", "/v1/embeddings", "/v1/model", "/healthz", "/metrics",
@@ -80,7 +80,7 @@ class Replica:
                          "max_texts_per_request", "max_chars_per_text", "max_body_bytes", "max_batch_size",
                          "max_batch_tokens", "max_ongoing_requests", "max_queued_requests")}}
         self._lock = asyncio.Lock()  # mode none: one forward pass at a time
-        self._fifo_pending = self.cfg.batching == "tokens"  # only a token budget requeues (keep_fifo)
+        self._queue_pending = self.cfg.batching != "none"  # adapt_batch_queue at the first request
         if self.cfg.batching == "none":
             self._batched = None
         else:
@@ -135,9 +135,9 @@ class Replica:
                 async with self._lock:
                     results = await self._timed_forward(items)
             else:
-                if self._fifo_pending:
-                    keep_fifo(self._batched)
-                    self._fifo_pending = False
+                if self._queue_pending:
+                    adapt_batch_queue(self._batched)
+                    self._queue_pending = False
                 results = await asyncio.gather(*(self._batched(i) for i in items))
         finally:  # a client that went away: Serve drops its texts from the queue unrun
             self.metrics.queue.dec(sum(1 for i in items if not i.started))

@@ -10,10 +10,17 @@ requests freely). Three modes:
 - count: a batch closes at `max_batch_size` texts, whatever their lengths.
 - none: one forward pass per request (its own texts only), one at a time.
 
-FIFO: with a `batch_size_fn`, Ray puts the text that did not fit back at the *end* of its
-queue (see the NOTE in ray/serve/batching.py), so under steady load a long text can wait
-behind everything that arrived after it. `keep_fifo` swaps in a queue that puts that text
-back at the front: batches leave in arrival order, as in count mode.
+Two repairs to Ray Serve 2.60's batch queue (`adapt_batch_queue` swaps in `BatchQueue`):
+
+- Continuous batching. Ray forms the next batch while the previous one runs: it waits
+  `batch_wait_timeout_s` after a text arrives and queues what it has behind the running
+  forward pass, so under steady load batches hold only what arrives in one wait window and
+  a backlog of small forward passes builds up. `BatchQueue.get` (which Ray calls for the
+  first text of every batch) first waits for the running batch to finish, so a batch takes
+  everything that arrived meanwhile, up to the budget: batches grow with the load.
+- FIFO. With a `batch_size_fn`, Ray puts the text that did not fit back at the *end* of the
+  queue (see the NOTE in ray/serve/batching.py), so a long text can wait behind everything
+  that arrived after it. `BatchQueue` puts it back at the front.
 """
 
 from __future__ import annotations
@@ -43,13 +50,25 @@ def batch_cost(max_batch_tokens: int, max_batch_size: int) -> Callable[[list[Ite
     return cost
 
 
-class FrontRequeue(asyncio.Queue):
-    """An asyncio.Queue where an item that was just taken out and is put back (Ray deferring
-    the text that overflowed a token batch) goes back to the front, not the end."""
+class BatchQueue(asyncio.Queue):
+    """An asyncio.Queue for Ray's batcher: an item taken out and put straight back (Ray
+    deferring the text that overflowed a token batch) returns to the front; and `get`, with
+    `running` (Ray's semaphore of running batches), returns only when no batch runs."""
+
+    def __init__(self, running: asyncio.Semaphore | None = None):
+        super().__init__()
+        self._running = running
 
     def _init(self, maxsize):
         super()._init(maxsize)
         self._last_taken = None
+
+    async def get(self):
+        if self._running is not None:
+            await asyncio.sleep(0)  # the batch Ray has just formed takes the semaphore first ...
+            async with self._running:  # ... and this waits until it has run
+                pass
+        return await super().get()
 
     def _get(self):
         item = super()._get()
@@ -64,13 +83,15 @@ class FrontRequeue(asyncio.Queue):
             self._queue.append(item)
 
 
-def keep_fifo(batched) -> None:
-    """Give a `@serve.batch` function's queue the FIFO requeue. Call it inside the replica's
-    event loop before the first item is queued. Ray keeps its lazily built queue on the
-    wrapper whose bound methods it attaches to the function; if that ever changes this fails
-    loudly (the serving tests cover it) rather than silently losing the order."""
+def adapt_batch_queue(batched) -> None:
+    """Give a `@serve.batch` function's queue the `BatchQueue` behaviour. Call it inside the
+    replica's event loop before the first item is queued. Ray keeps its lazily built queue on
+    the wrapper whose bound methods it attaches to the function; if that ever changes this
+    fails loudly (the serving tests cover it) rather than silently losing the behaviour. If
+    the semaphore handshake ever stopped holding, batches would only be smaller again."""
     wrapper = batched.set_max_batch_size.__self__  # ray.serve.batching._LazyBatchQueueWrapper
     queue = wrapper.queue  # builds ray's _BatchQueue and schedules its consumer (not yet running)
-    if not isinstance(queue.queue, asyncio.Queue) or not queue.queue.empty():
-        raise RuntimeError("Ray Serve's batch queue is not an empty asyncio.Queue: cannot keep FIFO order")
-    queue.queue = FrontRequeue()
+    if not isinstance(queue.queue, asyncio.Queue) or not queue.queue.empty() or \
+            not isinstance(queue.semaphore, asyncio.Semaphore) or queue.max_concurrent_batches != 1:
+        raise RuntimeError("Ray Serve's batch queue is not the one this code knows (ray.serve.batching changed)")
+    queue.queue = BatchQueue(queue.semaphore)

@@ -85,35 +85,58 @@ def test_token_budget_cost_caps_tokens_and_texts():
     assert cost([Item("logits", None, 1, 0.0)] * 5) > 100  # 5 tiny texts: over by count
 
 
-def test_a_deferred_text_goes_back_to_the_front():
-    """Replays Ray Serve 2.60's wait_for_batch protocol (get, get_nowait until the budget
-    overflows, put_nowait of the overflowing item) and checks batches leave in order."""
-    from pipelines.serve_batching import FrontRequeue
+def run_ray_batcher(adapt: bool, tokens: list[int], forward_s: float = 0.03, every_s: float = 0.002):
+    """Ray Serve 2.60's own @serve.batch (token budget 100, 1 ms wait) on an event loop outside
+    Ray (only its replica-context warning is bypassed): texts of `tokens` arrive every
+    `every_s`; each forward pass takes `forward_s`. Returns the batches as arrival indices."""
+    import ray.serve.batching as ray_batching
+    from ray import serve
 
-    async def batches(queue_cls, sizes, budget):
-        q = queue_cls()
-        for i, n in enumerate(sizes):
-            q.put_nowait((i, n))
-        out = []
-        while not q.empty():
-            first = await q.get()
-            batch, used = [first], first[1]
-            while not q.empty():
-                nxt = q.get_nowait()
-                if used + nxt[1] > budget:
-                    q.put_nowait(nxt)  # Ray: "goes to the back of the queue"
-                    break
-                batch.append(nxt)
-                used += nxt[1]
-            out.append([i for i, _ in batch])
-        return out
+    from pipelines.serve_batching import Item, adapt_batch_queue, batch_cost
 
-    sizes = [60, 30, 60, 10, 10, 90]  # text 2 overflows the first batch
-    plain = asyncio.run(batches(asyncio.Queue, sizes, 100))
-    fifo = asyncio.run(batches(FrontRequeue, sizes, 100))
-    assert plain[1][0] != 2  # with Ray's own queue, text 2 is overtaken
-    assert fifo == [[0, 1], [2, 3, 4], [5]]
-    assert [i for b in fifo for i in b] == list(range(len(sizes)))
+    batches = []
+
+    async def forward(items):
+        batches.append([int(i.enqueued) for i in items])
+        await asyncio.sleep(forward_s)
+        return [i.tokens for i in items]
+
+    async def main():
+        batched = serve.batch(max_batch_size=100, batch_wait_timeout_s=0.001,
+                              batch_size_fn=batch_cost(100, 100))(forward)
+        if adapt:
+            adapt_batch_queue(batched)
+
+        async def one(k, n):
+            await asyncio.sleep(k * every_s)
+            return await batched(Item("logits", None, n, float(k)))
+        assert await asyncio.gather(*(one(k, n) for k, n in enumerate(tokens))) == tokens
+
+    warn = ray_batching._BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests
+    ray_batching._BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = lambda self: None
+    try:
+        asyncio.run(main())
+    finally:
+        ray_batching._BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = warn
+    return batches
+
+
+def test_batches_take_what_arrived_during_the_previous_forward_pass():
+    plain = run_ray_batcher(False, [10] * 60)
+    ours = run_ray_batcher(True, [10] * 60)
+    # Ray alone: a batch per 1 ms wait window, queued behind the running forward pass
+    assert len(plain) >= 1.5 * len(ours), (plain, ours)
+    assert len(ours) <= 8 and max(len(b) for b in ours) == 10  # 6 full budgets (10 x 10 tokens) + stragglers
+    assert sorted(i for b in ours for i in b) == list(range(60))
+
+
+def test_a_text_that_overflows_the_budget_keeps_its_place():
+    tokens = [10] * 5 + [95] + [10] * 20  # text 5 cannot join the batch that is filling
+    plain = run_ray_batcher(False, tokens, every_s=0.0)
+    ours = run_ray_batcher(True, tokens, every_s=0.0)
+    order = [i for b in ours for i in b]
+    assert order == list(range(len(tokens))), ours  # arrival order, batch after batch
+    assert [i for b in plain for i in b] != list(range(len(tokens)))  # Ray alone sends text 5 to the back
 
 
 def test_the_serve_application_carries_the_settings(tmp_path, monkeypatch):
