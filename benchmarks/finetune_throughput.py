@@ -19,9 +19,12 @@ on, padding to the batch's longest row rounded up to 8 (cloze's loader; Trainer 
            state: wall time between `on_step_end` callbacks after --warmup steps.
 
 Steady samples/s = samples / seconds over the --steps steps after warm-up (the same window
-both ways). "end-to-end" = all the run's samples over the wall time of the whole call:
-cloze's includes Ray Train's start, DeepSpeed's init, the step-0 and final dev evaluations,
-the checkpoint, the export and the built-in task's test evaluation; Trainer's is its own
+both ways); "per CPU s" = samples / process CPU seconds of the training process(es) over
+about that window (cloze: each worker process, loader thread included; Trainer: this
+process), a figure a shared machine's load disturbs far less than wall time. "end-to-end" =
+all the run's samples over the wall time of the whole call: cloze's includes Ray Train's
+start, DeepSpeed's init, the step-0 and final dev evaluations, the checkpoint, the export
+and the built-in task's test evaluation; Trainer's is its own
 `train_samples_per_second` (model already loaded). Both are printed; the ratio is on the
 steady state. The two run interleaved within each repeat so a shared machine's load hits
 both alike; the load average is printed with every run. OMP_WAIT_POLICY is PASSIVE unless
@@ -105,18 +108,27 @@ def loadavg() -> str:
 
 # ------------------------------------------------------------------ cloze
 
-class ThreadProbe(Callback):
-    """Records each worker's torch threads and OpenMP wait policy at its first batch."""
+class Probe(Callback):
+    """Each worker's torch threads and OpenMP wait policy (at its first batch), and its
+    process CPU time at the start of step `first` and of step `last` (`wants_stop` runs at
+    the top of every step): the CPU seconds of steps first..last-1, this worker's threads
+    and its loader thread together."""
 
-    def __init__(self, folder: str):
-        self.folder = folder
+    def __init__(self, folder: str, first: int, last: int):
+        self.folder, self.first, self.last = folder, first, last
 
     def on_batch(self, step: int, rank: int, batch: dict) -> None:
         if step == 1:
             import torch
 
+            self.rank = rank
             Path(self.folder, f"threads-{rank}").write_text(
                 f"{torch.get_num_threads()} {os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+
+    def wants_stop(self, step: int) -> bool:
+        if step in (self.first, self.last):
+            Path(self.folder, f"cpu-{step}-{getattr(self, 'rank', 0)}").write_text(repr(time.process_time()))
+        return False
 
 
 def run_cloze(init: str, work: Path, name: str, workers: int, args, digest: str) -> dict:
@@ -136,7 +148,8 @@ def run_cloze(init: str, work: Path, name: str, workers: int, args, digest: str)
     probe = work / "probe" / name
     probe.mkdir(parents=True)
     t0, start = time.perf_counter(), time.time()
-    result = finetune(cfg, progress=False, log=lambda *_: None, callbacks=[ThreadProbe(str(probe))])
+    result = finetune(cfg, progress=False, log=lambda *_: None,
+                      callbacks=[Probe(str(probe), args.warmup + 1, total)])
     wall, end = time.perf_counter() - t0, time.time()
     run_dir = Path(result.train.run_dir)
     manifest = json.loads((run_dir / "data" / "manifest.json").read_text())
@@ -149,11 +162,13 @@ def run_cloze(init: str, work: Path, name: str, workers: int, args, digest: str)
     seconds = sum(r["step_time_s"] for r in window)
     samples = sum(r["samples_per_s"] * r["step_time_s"] for r in window)
     threads = sorted(p.read_text() for p in probe.glob("threads-*"))
+    cpu = sum(float((probe / f"cpu-{total}-{rank}").read_text()) - float((probe / f"cpu-{args.warmup + 1}-{rank}")
+                                                                         .read_text()) for rank in range(workers))
     # where the rest of the wall time goes: before the first step (Ray Train, DeepSpeed, data,
     # step-0 evaluation) and after the last (evaluation, checkpoint, export, test evaluation)
     before = rows[0]["time"] - rows[0]["step_time_s"] - start
     return {"steady": samples / seconds, "end_to_end": rows[-1]["samples"] / wall, "wall_s": wall,
-            "step_s": seconds / len(window), "threads": threads,
+            "step_s": seconds / len(window), "per_cpu_s": (args.steps - 1) * args.batch / cpu, "threads": threads,
             "split": f"{before:.0f} s before step 1, {end - rows[-1]['time']:.0f} s after the last"}
 
 
@@ -182,9 +197,11 @@ def run_trainer(init: str, work: Path, name: str, split, labels: list[str], args
     class StepClock(transformers.TrainerCallback):
         def __init__(self):
             self.ends: list[float] = []
+            self.cpu: list[float] = []
 
         def on_step_end(self, targs, state, control, **kw):
             self.ends.append(time.perf_counter())
+            self.cpu.append(time.process_time())
 
     torch.set_num_threads(args.threads)
     total = args.warmup + args.steps
@@ -210,15 +227,17 @@ def run_trainer(init: str, work: Path, name: str, split, labels: list[str], args
     seconds = clock.ends[-1] - clock.ends[args.warmup - 1]
     return {"steady": args.steps * args.batch / seconds, "end_to_end": out.metrics["train_samples_per_second"],
             "wall_s": wall, "step_s": seconds / args.steps,
+            "per_cpu_s": args.steps * args.batch / (clock.cpu[-1] - clock.cpu[args.warmup - 1]),
             "threads": [f"{torch.get_num_threads()} {os.environ.get('OMP_WAIT_POLICY', 'unset')}"],
             "optim": str(targs.optim.value)}
 
 
 # ------------------------------------------------------------------ where the difference comes from
 
-def bare_loop(model, loss, fused: bool, batches: list[dict], warmup: int) -> float:
-    """Samples/s of a plain loop (forward, backward, clip 1.0, AdamW, lr warmup) over `batches`
-    after `warmup` of them: no Ray, no DeepSpeed, no Trainer. `loss(batch)` runs `model`."""
+def bare_loop(model, loss, fused: bool, batches: list[dict], warmup: int) -> dict[str, float]:
+    """Samples per second and per CPU second of a plain loop (forward, backward, clip 1.0,
+    AdamW, lr warmup) over `batches` after `warmup` of them: no Ray, no DeepSpeed, no
+    Trainer. `loss(batch)` runs `model`."""
     import torch
 
     model.train()
@@ -227,19 +246,20 @@ def bare_loop(model, loss, fused: bool, batches: list[dict], warmup: int) -> flo
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
                             lr=LR, eps=1e-6, fused=fused or None, foreach=None if fused else False)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    t0 = 0.0
+    t0 = cpu0 = 0.0
     for i, batch in enumerate(batches):
         if i == warmup:
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
         loss(batch).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-    return sum(len(b["labels"]) for b in batches[warmup:]) / (time.perf_counter() - t0)
+    samples = sum(len(b["labels"]) for b in batches[warmup:])
+    return {"steady": samples / (time.perf_counter() - t0), "per_cpu_s": samples / (time.process_time() - cpu0)}
 
 
-def breakdown(init: str, split, labels: list[str], args) -> dict[str, float]:
+def breakdown(init: str, split, labels: list[str], args) -> dict[str, dict[str, float]]:
     """The two models (cloze's SequenceClassifier: unpadded tokens, fused QKV, SDPA; HF's
     BertForSequenceClassification) x the two AdamW kernels (for-loop as cloze builds it;
     fused, Trainer's default) in bare loops over the same batches, in this process: whether
@@ -280,7 +300,8 @@ def breakdown(init: str, split, labels: list[str], args) -> dict[str, float]:
 
 def line(label: str, res: list[dict]) -> str:
     return (f"{label:28s} steady {summary([r['steady'] for r in res])} samples/s, "
-            f"{summary([r['step_s'] for r in res])} s/step; end-to-end {summary([r['end_to_end'] for r in res])} "
+            f"{summary([r['step_s'] for r in res])} s/step, {summary([r['per_cpu_s'] for r in res])} samples "
+            f"per CPU s; end-to-end {summary([r['end_to_end'] for r in res])} "
             f"samples/s, wall {summary([r['wall_s'] for r in res])} s")
 
 
@@ -302,8 +323,8 @@ def main() -> None:
                          "the same batches): where the ratio comes from")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    if args.warmup < 1 or args.steps < 1:
-        ap.error("--warmup and --steps must be >= 1")
+    if args.warmup < 1 or args.steps < 2:
+        ap.error("--warmup must be >= 1 and --steps >= 2")
     if args.two_workers and (args.threads % 2 or args.batch % 2):
         ap.error("--two-workers needs an even --threads and --batch")
 
@@ -324,7 +345,7 @@ def main() -> None:
     sides: dict[str, list[dict]] = {"cloze 1 worker": [], "transformers.Trainer": []}
     if args.two_workers:
         sides["cloze 2 workers"] = []
-    bare: dict[str, list[float]] = {}
+    bare: dict[str, list[dict]] = {}
     for r in range(args.repeats):
         order = ["cloze 1 worker", "transformers.Trainer"] + (["cloze 2 workers"] if args.two_workers else [])
         if r % 2:
@@ -337,15 +358,17 @@ def main() -> None:
                 workers = 2 if side == "cloze 2 workers" else 1
                 res = run_cloze(init, work, f"cloze{workers}-{r}", workers, args, digest)
             sides[side].append(res)
-            print(f"  repeat {r} {side:22s} steady {res['steady']:.2f} samples/s ({res['step_s']:.3f} s/step), "
-                  f"end-to-end {res['end_to_end']:.2f} samples/s, wall {res['wall_s']:.1f} s, "
+            print(f"  repeat {r} {side:22s} steady {res['steady']:.2f} samples/s ({res['step_s']:.3f} s/step, "
+                  f"{res['per_cpu_s']:.2f} per CPU s), end-to-end {res['end_to_end']:.2f} samples/s, "
+                  f"wall {res['wall_s']:.1f} s, "
                   f"threads + OMP_WAIT_POLICY {res['threads']}, {before} -> {loadavg()}"
                   + "".join(f", {k} {res[k]}" for k in ("optim", "split") if k in res), flush=True)
         if args.breakdown:
             before = loadavg()
-            for variant, rate in breakdown(init, split, labels, args).items():
-                bare.setdefault(variant, []).append(rate)
-                print(f"  repeat {r} bare loop, {variant:28s} {rate:.2f} samples/s", flush=True)
+            for variant, res in breakdown(init, split, labels, args).items():
+                bare.setdefault(variant, []).append(res)
+                print(f"  repeat {r} bare loop, {variant:28s} {res['steady']:.2f} samples/s, "
+                      f"{res['per_cpu_s']:.2f} per CPU s", flush=True)
             print(f"  ({before} -> {loadavg()})", flush=True)
     ray.shutdown()
     base = sides["transformers.Trainer"]
@@ -355,10 +378,13 @@ def main() -> None:
         if side.startswith("cloze"):
             ratio = [c["steady"] / t["steady"] for c, t in zip(res, base)]
             e2e = [c["end_to_end"] / t["end_to_end"] for c, t in zip(res, base)]
-            out.append(f"{side} / Trainer: steady {summary(ratio)} x, end-to-end {summary(e2e)} x")
+            cpu = [c["per_cpu_s"] / t["per_cpu_s"] for c, t in zip(res, base)]
+            out.append(f"{side} / Trainer: steady {summary(ratio)} x, per CPU second {summary(cpu)} x, "
+                       f"end-to-end {summary(e2e)} x")
     if bare:
-        out.append(f"bare loops in one process ({args.threads} threads, the same batches), samples/s:")
-        out += [f"  {variant:32s} {summary(rates)}" for variant, rates in bare.items()]
+        out.append(f"bare loops in one process ({args.threads} threads, the same batches):")
+        out += [f"  {variant:30s} {summary([r['steady'] for r in res])} samples/s, "
+                f"{summary([r['per_cpu_s'] for r in res])} per CPU s" for variant, res in bare.items()]
     print("\n".join(out))
 
 
