@@ -357,14 +357,23 @@ def run(config_path: str | os.PathLike | None = None, overrides: Mapping[str, An
     plan = plan_run(config_path, overrides, force, until)  # every error before Ray starts
     import ray
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True,
+    if not ray.is_initialized():  # Ray's own chatter stays in its session logs, not on the console
+        ray.init(include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}})
+    logs = _session_logs()
+    if logs:
+        log(f"cloze run: Ray's logs (workers, stages): {logs}")
     t0 = time.perf_counter()
     refs = launch_dag(plan)
     results: dict[str, dict] = {}
     for name, ref in refs.items():  # in DAG order: each line appears as its stage finishes
-        results[name] = out = ray.get(ref)
+        try:
+            results[name] = out = _wait(ref, name, plan)
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else e
+            log(f"cloze run: {name:<9} FAILED: {type(cause).__name__}: {str(cause).splitlines()[0][:300]}"
+                + (f" (logs: {logs})" if logs else ""))
+            raise
         where = "" if name == "deploy" else out.get("model_dir") or out.get("output") or ""
         status = "cached" if out.get("skipped") else f"done in {time.perf_counter() - t0:.0f} s"
         if out.get("resumed"):
@@ -395,6 +404,52 @@ def run(config_path: str | os.PathLike | None = None, overrides: Mapping[str, An
     out = {**results.get("pretrain", {}), "data_dir": plan.data.output}
     out.update({k: v for k, v in results.items() if k in DOWNSTREAM})
     return out
+
+
+def _session_logs() -> str | None:
+    try:
+        from ray._private import worker
+
+        return str(Path(worker._global_node.get_session_dir_path()) / "logs")
+    except Exception:  # a client or an older Ray: no local session folder to point at
+        return None
+
+
+def _wait(ref, name: str, plan: RunPlan):
+    """The stage's result; while it runs, a live progress line on a terminal: the step its
+    newest run folder's metrics.csv has reached (pretrain, finetune) or the time spent."""
+    import sys
+
+    import ray
+
+    if not sys.stderr.isatty():
+        return ray.get(ref)
+    from tqdm import tqdm
+
+    total = plan.pretrain.max_steps if name == "pretrain" else None
+    started = time.time()
+    with tqdm(total=total, desc=f"cloze run: {name}", unit="step", leave=False, dynamic_ncols=True) as bar:
+        while not ray.wait([ref], timeout=1.0)[0]:
+            step = _newest_step(plan.pretrain.storage_path, name, started) if name in ("pretrain", "finetune") else None
+            if step is not None and step > bar.n:
+                bar.update(step - bar.n)
+            else:
+                bar.refresh()
+    return ray.get(ref)
+
+
+def _newest_step(storage_path: str, stage: str, since: float) -> int | None:
+    """The last step in metrics.csv of the newest `<stage>-*` run folder written since `since`."""
+    if "://" in storage_path:
+        return None
+    files = [f for f in Path(storage_path).glob(f"{stage}-*/metrics.csv") if f.stat().st_mtime >= since]
+    if not files:
+        return None
+    try:
+        last = max(files, key=lambda f: f.stat().st_mtime).read_text().rstrip().rsplit("\n", 1)[-1]
+        return int(float(last.split(",", 1)[0]))
+    except (OSError, ValueError):
+        return None
 
 
 def _serving(results: dict, plan: RunPlan, keep_serving: bool, log) -> None:
