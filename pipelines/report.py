@@ -48,11 +48,12 @@ def _tick(v: float) -> str:
     return f"{v / 1e3:g}k" if abs(v) >= 1e4 else f"{v:g}"
 
 
-def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """About `n` round tick values (steps of 1, 2 or 5 x 10^k) covering [lo, hi]."""
+def nice_ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list[float]:
+    """About `n` round tick values (steps of 1, 2 or 5 x 10^k; whole numbers if `integer`,
+    as steps are) covering [lo, hi]."""
     if hi <= lo:
         hi = lo + (abs(lo) or 1.0)
-    raw = (hi - lo) / n
+    raw = max((hi - lo) / n, 1.0 if integer else 0.0)
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
     first = math.floor(lo / step)
@@ -70,7 +71,7 @@ def svg_plot(title: str, series: dict[str, list[tuple[float, float]]], *, xlabel
         return f'<p class="note">{_e(title)}: nothing recorded.</p>'
     xs = [x for pts in series.values() for x, _ in pts]
     ys = [y for pts in series.values() for _, y in pts]
-    xt = nice_ticks(min(xs), max(xs))
+    xt = nice_ticks(min(xs), max(xs), integer=all(float(x).is_integer() for x in xs))
     yt = nice_ticks(0.0 if from_zero and min(ys) >= 0 else min(ys), max(ys))
     left, right, top, bottom = 62, 14, 48 + 16 * ((len(series) - 1) // 4), 42
     pw, ph = width - left - right, height - top - bottom
@@ -265,7 +266,7 @@ def write_report(results: dict, dest: str, quality: str | None = None) -> str:
             took = f"{given[name]['elapsed_s']:.0f} s"
         else:
             took = f"{walls[name]:.0f} s (training loop)" if walls.get(name) is not None else ""
-        where = out.get("data_dir") if name == "data" else out.get("model_dir") or out.get("output") or out.get("run_dir")
+        where = out.get("data_dir") if name == "data" else out.get("model_dir") or out.get("output") or out.get("run_dir") or ""
         rows.append([name, status, took, _headline(name, out), where])
     title = "cloze run report"
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'

@@ -149,6 +149,7 @@ def report(folders) -> str:
 def test_nice_ticks_and_plot_edge_cases():
     assert nice_ticks(0, 200) == [0, 50, 100, 150, 200]
     assert nice_ticks(0.043, 0.0486) == [0.042, 0.044, 0.046, 0.048, 0.05]  # steps of 2 x 10^-3, covering
+    assert nice_ticks(1, 3, integer=True) == [1, 2, 3]  # steps: no 1.5
     ticks = nice_ticks(5.0, 5.0)  # one value: still a range around it
     assert ticks[0] <= 5.0 < ticks[-1]
     svg = svg_plot("a <b> plot", {"x&y": [(0, 1.0), (1, float("nan")), (2, 3.0)], "empty": []})
@@ -220,7 +221,7 @@ def test_write_report_from_dag_results(folders, tmp_path):
     assert stages["finetune"][1:3] == ["done", "95 s"]
     assert stages["evaluate"][3] == "test accuracy 0.500, macro-F1 0.250"
     assert stages["deploy"][3] == "http://127.0.0.1:8123 (Ray Serve app 'cloze')"
-    assert stages["request"][3] == 'POST /v1/classify "<i>Oil</i> prices fell" -> label: tech'
+    assert stages["request"][3:] == ['POST /v1/classify "<i>Oil</i> prices fell" -> label: tech', ""]
     assert "<i>Oil" not in text and "quality" not in Page(text).tables  # escaped; no results file given
 
 
