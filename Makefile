@@ -26,6 +26,7 @@ run: install
 	$(BIN)/cloze run
 
 test: install
+	sh scripts/install-browser.sh  # Debian's chromium: tests/test_report.py renders the run report in it
 	$(BIN)/python -m pytest -q --durations=10 tests
 
 test-unit: install

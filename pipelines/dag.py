@@ -366,6 +366,7 @@ def run(config_path: str | os.PathLike | None = None, overrides: Mapping[str, An
     t0 = time.perf_counter()
     refs = launch_dag(plan)
     results: dict[str, dict] = {}
+    timings: dict[str, dict] = {}
     for name, ref in refs.items():  # in DAG order: each line appears as its stage finishes
         try:
             results[name] = out = _wait(ref, name, plan)
@@ -374,8 +375,10 @@ def run(config_path: str | os.PathLike | None = None, overrides: Mapping[str, An
             log(f"cloze run: {name:<9} FAILED: {type(cause).__name__}: {str(cause).splitlines()[0][:300]}"
                 + (f" (logs: {logs})" if logs else ""))
             raise
+        elapsed = time.perf_counter() - t0
+        timings[name] = {"status": "cached" if out.get("skipped") else "done", "elapsed_s": round(elapsed, 1)}
         where = "" if name == "deploy" else out.get("model_dir") or out.get("output") or ""
-        status = "cached" if out.get("skipped") else f"done in {time.perf_counter() - t0:.0f} s"
+        status = "cached" if out.get("skipped") else f"done in {elapsed:.0f} s"
         if out.get("resumed"):
             status += " (resumed from its last checkpoint)"
         log(f"cloze run: {name:<9} {status:<12} {_headline(name, out)}" + (f"  {where}" if where else ""))
@@ -384,25 +387,33 @@ def run(config_path: str | os.PathLike | None = None, overrides: Mapping[str, An
             from .train.metrics import held_out_summary
 
             log(held_out_summary(out["evals"], prog="cloze run"))
-    if "deploy" in results:
-        try:
-            if "request" in plan.stages():
-                route, text = _sample_text(results["finetune"])
-                answer = request(results["deploy"]["url"], route, text)
-                results["request"] = {"route": route, "text": text, "answer": answer}
-                log(f"cloze run: request   POST {results['deploy']['url']}{route} {json.dumps(text[:60] + '...')}")
-                log(f"cloze run:   {_answer(route, answer)}")
-            _serving(results, plan, keep_serving, log)
-        finally:
-            if not keep_serving:
-                from .serve import shutdown
+    try:
+        if "deploy" in results and "request" in plan.stages():
+            route, text = _sample_text(results["finetune"])
+            answer = request(results["deploy"]["url"], route, text)
+            results["request"] = {"route": route, "text": text, "answer": answer}
+            timings["request"] = {"status": "done", "elapsed_s": round(time.perf_counter() - t0, 2)}
+            log(f"cloze run: request   POST {results['deploy']['url']}{route} {json.dumps(text[:60] + '...')}")
+            log(f"cloze run:   {_answer(route, answer)}")
+        not_run = [s for s in STAGES if s not in results]
+        if not_run:
+            log("cloze run: not run: " + ", ".join(not_run))
+        out = {**results.get("pretrain", {}), "data_dir": plan.data.output, "stages": timings}
+        out.update({k: v for k, v in results.items() if k in DOWNSTREAM})
+        dest = (results.get("finetune") or results.get("pretrain") or {}).get("run_dir")
+        if dest:
+            from .report import write_report
 
-                shutdown()
-    not_run = [s for s in STAGES if s not in results]
-    if not_run:
-        log("cloze run: not run: " + ", ".join(not_run))
-    out = {**results.get("pretrain", {}), "data_dir": plan.data.output}
-    out.update({k: v for k, v in results.items() if k in DOWNSTREAM})
+            quality = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "quality.jsonl"
+            out["report"] = write_report(out, dest, quality=str(quality))
+            log(f"cloze run: report    {out['report']}")
+        if "deploy" in results:
+            _serving(results, plan, keep_serving, log)
+    finally:
+        if "deploy" in results and not keep_serving:
+            from .serve import shutdown
+
+            shutdown()
     return out
 
 

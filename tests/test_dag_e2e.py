@@ -97,6 +97,10 @@ def test_cloze_run_dag_trains_exports_caches_and_keeps_finished_runs(ray_cluster
     assert answer["label"] in tuned["labels"] and abs(sum(answer["probs"].values()) - 1) < 1e-4
     assert any(line.strip().startswith(f"cloze run:   label: {answer['label']}") for line in lines)
     assert any(f"cloze serve {fine['model_dir']} --port {port}" in line for line in lines)
+    # one self-contained report in the fine-tuning run folder, with the pretraining plots
+    html = Path(out["report"]).read_text()
+    assert Path(out["report"]).parent == Path(fine["run_dir"]) and html.count("<svg") >= 4
+    assert set(out["stages"]) == set(stages) and "request" in html
     with pytest.raises(OSError):  # and the endpoint was stopped at the end
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
