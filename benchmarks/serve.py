@@ -277,7 +277,7 @@ def main() -> int:
             url = server.url
         else:
             cfg = ServeConfig(port=port, num_cpus=cores, max_ongoing_requests=128, max_queued_requests=1024,
-                              batch_wait_timeout_s=0.005, **SERVE_VARIANTS[variant])
+                              **SERVE_VARIANTS[variant])
             url = deploy(model, cfg)
         deadline = time.monotonic() + 120
         while True:  # the naive server needs a moment to import transformers

@@ -24,7 +24,7 @@ class ServeConfig:
     batching: str = "tokens"  # tokens: a forward closes at max_batch_tokens | count: at max_batch_size texts | none: one forward per request
     max_batch_size: int = 32  # texts per forward pass (also the cap in tokens mode)
     max_batch_tokens: int = 4096  # real tokens per forward pass in tokens mode (padding is dropped before the layers)
-    batch_wait_timeout_s: float = 0.002  # how long a batch that is not full waits for more texts (it already takes all that arrived during the previous forward pass)
+    batch_wait_timeout_s: float = 0.0  # extra wait for more texts when a batch is not full (it already takes all that arrived during the previous forward pass)
     max_ongoing_requests: int = 64  # requests a replica holds at once (>= max_batch_size, or batches never fill)
     max_queued_requests: int = 128  # requests waiting at the proxy for a replica; beyond it: 429 + Retry-After
     retry_after_s: int = 1  # the Retry-After of a 429 (overload) or 503 (replica unavailable)
