@@ -5,8 +5,9 @@ Every error is `{"error": message, "error_type": kind, "request_id": id}` with a
 client's mistake, 429 + Retry-After when overloaded and 503 + Retry-After when no replica
 can answer. No exception text or stack ever reaches a client. Two pure-ASGI layers:
 
-- `Gate`, in each replica around the FastAPI app: bearer token on /v1/* (SHA-256 digests
-  compared in constant time; the token itself never reaches the replica), JSON content
+- `Gate`, in each replica around the FastAPI app: bearer token on every route but the open
+  ones (`OPEN`: health, metrics, the spec; SHA-256 digests compared in constant time; the
+  token itself never reaches the replica), JSON content
   type on POST (415), body size (413, before parsing), and a last-resort 500 for a bug.
 - `ProxyErrors`, in Ray Serve's HTTP proxy (via `http_options.middlewares`): Serve answers
   backpressure (429), no replica (503), timeouts (408) and a replica that died mid-request
@@ -27,6 +28,7 @@ from typing import Callable
 
 log = logging.getLogger("ray.serve")
 
+OPEN = ("/healthz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect")  # no token needed
 REASONS = {400: "invalid_json", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
            408: "timeout", 413: "payload_too_large", 415: "unsupported_media_type", 422: "validation",
            429: "overloaded", 500: "internal", 503: "unavailable"}
@@ -90,7 +92,7 @@ class Gate:
             await send(message)
 
         try:
-            if path.startswith("/v1/") and self.auth_digest and not self.authorized(scope):
+            if self.auth_digest and path not in OPEN and not self.authorized(scope):
                 return await send_error(tracked, 401, "missing or wrong bearer token (Authorization: Bearer ...)",
                                         "unauthorized", rid, [(b"www-authenticate", b"Bearer")])
             if scope["method"] == "POST":

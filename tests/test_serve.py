@@ -173,7 +173,7 @@ def test_routes_methods_and_model_kind(api):
     assert "use /v1/classify" in r.json()["error"]
 
 
-def test_the_token_guards_inference_routes_only(api):
+def test_the_token_guards_everything_but_health_metrics_and_the_spec(api):
     url, _ = api
     bare = requests.Session()
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"},
@@ -183,9 +183,11 @@ def test_the_token_guards_inference_routes_only(api):
             assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
             assert error_shape(r)["error_type"] == "unauthorized" and TOKEN not in r.text
         assert bare.get(url + "/v1/model", headers=headers, timeout=30).status_code == 401
-    # invalid JSON without a token is still a 401: the token is checked first
+    # invalid JSON without a token is still a 401: the token is checked first; so is any path
     r = bare.post(url + "/v1/classify", data=b"{", headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 401
+    for path in ("//v1/classify", "/v1/../v1/classify", "/V1/classify", "/nope"):
+        assert bare.post(url + path, json={"texts": ["a"]}, timeout=30).status_code == 401, path
     assert bare.get(url + "/healthz", timeout=30).json()["status"] == "ok"
     assert "cloze_requests_total" in bare.get(url + "/metrics", timeout=30).text
     assert "/v1/classify" in bare.get(url + "/openapi.json", timeout=30).json()["paths"]
