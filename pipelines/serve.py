@@ -39,8 +39,9 @@ Routes: POST /v1/classify {"texts": [...]} or {"pairs": [[a, b], ...]}; POST /v1
 POST /v1/embed, POST /v1/embeddings (OpenAI shape); GET /v1/model, /healthz, /metrics
 (Prometheus), /openapi.json. Dynamic batching by a token budget (or count, or none),
 bounded queues (429 + Retry-After when full), limits on texts, characters and body size
-(413), one JSON error shape. With CLOZE_API_TOKEN set, /v1/* needs `Authorization: Bearer
-<token>` (the token is never printed or logged). Ctrl-C stops the endpoint and exits 0.
+(413), one JSON error shape. With CLOZE_API_TOKEN set, every route but /healthz, /metrics and
+the spec needs `Authorization: Bearer <token>` (never printed or logged). Ctrl-C stops the
+endpoint and exits 0.
 
 Hot swap: `cloze serve --model NEW_DIR [--port P]` against a running `cloze serve` on port P
 replaces the model without failing in-flight requests."""
@@ -135,7 +136,8 @@ def deploy(model_dir: str, config: ServeConfig | None = None, api_token: str | N
            address: str | None = None) -> str:
     """Deploy `model_dir` on Ray Serve (starting or joining Ray as needed) and return the base
     URL once every replica is ready. `api_token` (default: env CLOZE_API_TOKEN) turns on
-    bearer authentication for /v1/*; only its SHA-256 digest leaves this process."""
+    bearer authentication (all routes but health, metrics and the spec); only its SHA-256
+    digest leaves this process."""
     import ray
     from ray import serve
 
@@ -212,7 +214,7 @@ def _serve_forever(args: argparse.Namespace, cfg: ServeConfig) -> int:
     state = state_file(cfg.port)
     state.write_text(json.dumps({"address": ray.get_runtime_context().gcs_address, "name": cfg.name,
                                  "pid": os.getpid(), "url": url, "auth_mode": os.environ.get("RAY_AUTH_MODE")}))
-    auth = " (bearer token from CLOZE_API_TOKEN required on /v1/*)" if os.environ.get("CLOZE_API_TOKEN") else ""
+    auth = " (bearer token from CLOZE_API_TOKEN required)" if os.environ.get("CLOZE_API_TOKEN") else ""
     print(f"cloze serve: {Path(folder).name} at {url}{auth}; docs {url}/docs; Ctrl-C stops", flush=True)
     print(f"cloze serve: swap the model with: cloze serve --model NEW_DIR --port {cfg.port}", flush=True)
     try:
