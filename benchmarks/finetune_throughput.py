@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -329,9 +330,19 @@ def main() -> None:
         ap.error("--two-workers needs an even --threads and --batch")
 
     import ray
-    import torch
 
     work = Path(tempfile.mkdtemp(prefix="cloze-bench-finetune-"))
+    try:
+        measure(args, work)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)  # each cloze run leaves a ~350 MB MiniLM checkpoint
+
+
+def measure(args, work: Path) -> None:
+    import ray
+    import torch
+
     init = minilm_folder() if args.model == "minilm" else tiny_folder(work)
     split, labels, digest = examples(init, args.max_seq_len)
     ray.init(num_cpus=max(args.threads, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
@@ -370,7 +381,6 @@ def main() -> None:
                 print(f"  repeat {r} bare loop, {variant:28s} {res['steady']:.2f} samples/s, "
                       f"{res['per_cpu_s']:.2f} per CPU s", flush=True)
             print(f"  ({before} -> {loadavg()})", flush=True)
-    ray.shutdown()
     base = sides["transformers.Trainer"]
     out = ["", f"steady state = the {args.steps} steps after {args.warmup}; median [min-max] of {args.repeats} repeats"]
     out += [line(side, res) for side, res in sides.items()]
