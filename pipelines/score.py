@@ -416,12 +416,16 @@ def _sink_class():
 
 
 def _check_cluster(config: ScoreConfig, ray) -> None:
-    """After Ray starts, before any Data work: a pool that can never start, or local paths
-    that other nodes cannot see, are config errors."""
+    """After Ray starts, before any Data work: a pool that would wait forever, or local paths
+    that other nodes cannot see, are config errors. The pool's first `min_actors` start at
+    once; Ray Data's file listing and block splitting run as 1-CPU tasks (no option sets
+    theirs) that the pool's input waits for: at its minimum the pool must leave them a CPU.
+    Above it, the pool grows only into CPUs the other operators do not hold."""
     cpus = ray.cluster_resources().get("CPU", 0.0)
-    if config.min_actors * config.cpus_per_actor > cpus:
-        raise ConfigError(f"min_actors {config.min_actors} x cpus_per_actor {config.cpus_per_actor} needs more "
-                          f"than the cluster's {cpus:g} CPUs: the pool could never start")
+    if config.min_actors * config.cpus_per_actor > cpus - 1:
+        raise ConfigError(f"min_actors {config.min_actors} x cpus_per_actor {config.cpus_per_actor} leaves none of "
+                          f"the cluster's {cpus:g} CPUs for reading the input, and the pool would wait for it forever: "
+                          f"lower min_actors (max_actors can take the rest)")
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     local = [k for k in ("model", "input", "output") if not is_uri(getattr(config, k))]
     if nodes > 1 and local and not config.shared_filesystem:
@@ -430,25 +434,24 @@ def _check_cluster(config: ScoreConfig, ray) -> None:
 
 
 def _read(found: Plan, fs):
+    """The input as a Dataset. Reads hold no CPU either (see the module docstring)."""
     import pyarrow as pa
     import ray
 
-    files = list(found.files)
+    files, common = list(found.files), dict(filesystem=fs, file_extensions=None, num_cpus=0)
     if found.format == "parquet":
-        return ray.data.read_parquet(files, filesystem=fs, file_extensions=None)
+        return ray.data.read_parquet(files, **common)
     text_types = {c: pa.string() for c in (found.text, found.text_b) if c}
     if found.format == "csv":
         import pyarrow.csv as pacsv
 
         # text stays text (a column of numbers would be read as int64) and "" stays "" (-> empty)
-        return ray.data.read_csv(files, filesystem=fs, file_extensions=None,
-                                 convert_options=pacsv.ConvertOptions(column_types=text_types))
+        return ray.data.read_csv(files, convert_options=pacsv.ConvertOptions(column_types=text_types), **common)
     import pyarrow.json as pajson
 
     schema = pa.schema([*text_types.items(), *([(found.words, pa.list_(pa.string()))] if found.words else [])])
-    return ray.data.read_json(files, filesystem=fs, file_extensions=None,  # (Arrow reads JSON lines)
-                              parse_options=pajson.ParseOptions(explicit_schema=schema,
-                                                                unexpected_field_behavior="infer"))
+    return ray.data.read_json(files, parse_options=pajson.ParseOptions(  # (Arrow reads JSON lines)
+        explicit_schema=schema, unexpected_field_behavior="infer"), **common)
 
 
 @contextmanager

@@ -260,7 +260,8 @@ def test_a_token_classifier_tags_words_and_finds_spans(ray_cluster, models, tmp_
 def test_a_job_that_fails_midway_publishes_nothing(ray_cluster, models, tmp_path, capsys):
     """The second JSONL file of a folder breaks off in its last line (the checks before Ray
     read only the head of the first): the job fails, the CLI says so in one line (exit 1),
-    and neither an output nor a temp folder is left."""
+    and neither an output nor a temp folder is left. A pool that could never get its input
+    is refused (exit 2)."""
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jsonl").write_text('{"text": "Shares rose."}\n' * 10)
     (tmp_path / "in" / "b.jsonl").write_text('{"text": "Rain."}\n' * 10 + '{"text": "cut off\n')
@@ -268,4 +269,9 @@ def test_a_job_that_fails_midway_publishes_nothing(ray_cluster, models, tmp_path
                  "--output", str(tmp_path / "out"), "--score.progress", "false"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("cloze score: failed, nothing published: "), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+    # a pool whose first actors take every CPU would wait forever for Ray Data's 1-CPU reads
+    assert main(["score", "--model", models["sequence"], "--input", str(tmp_path / "in" / "a.jsonl"),
+                 "--output", str(tmp_path / "out"), "--score.min_actors", "2"]) == 2
+    assert "leaves none of the cluster's 2 CPUs" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
