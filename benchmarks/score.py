@@ -14,9 +14,11 @@ with as many as cloze's largest pool has actors (one CPU and one thread each); t
 is against the faster of the two (on a busy machine OpenMP threads that wait on each other
 can be many times slower than one thread). Ray starts once (its start-up is printed apart,
 not counted in rows/s); Ray workers run at nice 0 like the loop. Repeats interleave the
-sides. On a shared machine the figures are noisy: the load average is printed.
+sides. The fixed cost of a `cloze score` job (a 10-row input: actor start-up, model load,
+read, write, publish) is printed apart. On a shared machine the figures are noisy: the load
+average is printed.
 
-Usage: python benchmarks/score.py [--rows 3000] [--repeats 3] [--pools 1,2] [--model DIR]
+Usage: python benchmarks/score.py [--rows 8000] [--repeats 3] [--pools 1,2] [--model DIR]
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def cloze_score(model_dir: str, source: str, output: str, batch_size: int, pool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", type=int, default=3000, help="rows to score per run")
+    ap.add_argument("--rows", type=int, default=8000, help="rows to score per run")
     ap.add_argument("--words", type=int, default=24, help="words per text (24 -> about 32 tokens)")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each side (interleaved)")
     ap.add_argument("--pools", default="1,2", help="max_actors values to measure (the pool starts at 1 and grows)")
@@ -116,8 +118,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="cloze-bench-score-"))
     model_dir = args.model or mini_classifier(work / "model")
     table, mean_tokens = texts_table(args.rows, args.words)
-    source = str(work / "in.parquet")
+    source, tiny = str(work / "in.parquet"), str(work / "ten.parquet")
     pq.write_table(table, source)
+    pq.write_table(table.slice(0, 10), tiny)
     pools = [int(p) for p in args.pools.split(",")]
     cpus = os.cpu_count() or 1
     t0 = time.perf_counter()
@@ -131,6 +134,7 @@ def main() -> None:
     sides = {**loops, **{f"cloze score (max_actors {k})": (1, k) for k in pools}}
     secs: dict[str, list[float]] = {name: [] for name in sides}
     actors: dict[str, list[int]] = {name: [] for name in sides}
+    fixed: list[float] = []  # a 10-row cloze score job: start-up, read, write, publish
     for r in range(args.repeats):
         for i, (name, side) in enumerate(sides.items()):
             out = str(work / f"out-{r}-{i}")
@@ -141,6 +145,7 @@ def main() -> None:
                 secs[name].append(s)
                 actors[name].append(n)
             print(f"  repeat {r + 1}: {name}: {args.rows / secs[name][-1]:.0f} rows/s", flush=True)
+        fixed.append(cloze_score(model_dir, tiny, str(work / f"ten-{r}"), args.batch_size, (1, 1))[0])
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
     base = max(statistics.median(args.rows / s for s in secs[name]) for name in loops)
     print(f"\nrows/s, median [min-max] of {args.repeats} (ratio: median vs the faster transformers loop's median)")
@@ -148,6 +153,7 @@ def main() -> None:
         rates = [args.rows / s for s in secs[name]]
         used = f"; actors used {actors[name]}" if actors[name] else ""
         print(f"  {name:28s} {summary(rates)}  x{statistics.median(rates) / base:.2f}{used}")
+    print(f"cloze score's fixed cost (a 10-row job, seconds): {summary(fixed)}")
     ray.shutdown()
 
 
