@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -55,7 +56,8 @@ def main() -> None:
 
     from pipelines.inference import Predictor
 
-    model = args.model or mini_classifier(Path(tempfile.mkdtemp(prefix="cloze-bench-quantize-")) / "model")
+    work = Path(tempfile.mkdtemp(prefix="cloze-bench-quantize-"))
+    model = args.model or mini_classifier(work / "model")
     sides = {q: Predictor(model, batch_size=args.batch_size, quantize=q, threads=args.threads) for q in ("none", "int8")}
     if args.model:
         texts, texts_b, gold = held_out(args)
@@ -84,6 +86,7 @@ def main() -> None:
         acc = {q: sum(p == g for p, g in zip(labels[q], gold)) / len(gold) for q in sides}
         print(f"  held-out accuracy ({len(gold)} examples): fp32 {100 * acc['none']:.2f}%, int8 {100 * acc['int8']:.2f}% "
               f"(delta {100 * (acc['int8'] - acc['none']):+.2f} points)")
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -155,6 +156,7 @@ def main() -> None:
         print(f"  {name:28s} {summary(rates)}  x{statistics.median(rates) / base:.2f}{used}")
     print(f"cloze score's fixed cost (a 10-row job, seconds): {summary(fixed)}")
     ray.shutdown()
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
