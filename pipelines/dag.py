@@ -181,20 +181,28 @@ def _finish(run_dir: str, out: dict) -> dict:
     return out
 
 
+def _training_run(stage: str, cfg, name: str, upstream: str, force: bool, ignore: tuple[str, ...] = ()):
+    """(cfg named `<name>-<hash>`, hash, run folder, finished result or None, folder to resume
+    or None) of a training stage; the hash covers its config (less what only watches the
+    run) and the upstream stage's hash."""
+    from .train.launch import has_checkpoints, run_folder
+
+    key = _hash(stage, {k: v for k, v in cfg.to_dict().items() if k not in NOT_HASHED + ignore}, upstream)
+    cfg = dataclasses.replace(cfg, name=f"{name}-{key[:12]}")
+    run_dir = run_folder(cfg)
+    done = _up_to_date(run_dir, key, force)
+    return cfg, key, run_dir, done, (run_dir if done is None and has_checkpoints(run_dir) else None)
+
+
 def _pretrain_stage(pre_cfg: dict, data_out: dict, force: bool = False) -> dict:
     """Pretrain into `<storage_path>/<name>-<hash>`: skipped when finished, resumed from its
     newest complete checkpoint when a crash or a kill left it unfinished."""
     from .pretrain import PretrainConfig, pretrain
-    from .train.launch import has_checkpoints, run_folder
 
     cfg = PretrainConfig.from_dict({**pre_cfg, "data": data_out["output"]})
-    key = _hash("pretrain", {k: v for k, v in cfg.to_dict().items() if k not in NOT_HASHED}, data_out["hash"])
-    cfg = dataclasses.replace(cfg, name=f"{cfg.name}-{key[:12]}")
-    run_dir = run_folder(cfg)
-    done = _up_to_date(run_dir, key, force)
+    cfg, key, run_dir, done, resume = _training_run("pretrain", cfg, cfg.name, data_out["hash"], force)
     if done is not None:
         return done
-    resume = run_dir if has_checkpoints(run_dir) else None
     result = pretrain(cfg, resume=resume, progress=False)
     return _finish(run_dir, {"hash": key, "run_dir": result.run_dir, "model_dir": result.model_dir,
                              "resumed": result.resumed_from is not None, "resumed_from": result.resumed_from,
@@ -206,18 +214,12 @@ def _finetune_stage(fine_cfg: dict, pre_out: dict, force: bool = False) -> dict:
     """Fine-tune the pretrained model into `<storage_path>/finetune-<hash>` (same skip /
     resume rules as pretraining; the hash covers the pretrained model's)."""
     from .finetune import FinetuneConfig, finetune
-    from .train.launch import has_checkpoints, run_folder
     from .train.metrics import read_metrics
 
     cfg = FinetuneConfig.from_dict({**fine_cfg, "init": pre_out["model_dir"]})
-    key = _hash("finetune", {k: v for k, v in cfg.to_dict().items() if k not in NOT_HASHED + ("init",)},
-                pre_out["hash"])
-    cfg = dataclasses.replace(cfg, name=f"finetune-{key[:12]}")
-    run_dir = run_folder(cfg)
-    done = _up_to_date(run_dir, key, force)
+    cfg, key, run_dir, done, resume = _training_run("finetune", cfg, "finetune", pre_out["hash"], force, ("init",))
     if done is not None:
         return done
-    resume = run_dir if has_checkpoints(run_dir) else None
     result = finetune(None if resume else cfg, resume=resume, progress=False, evaluate_test=False)
     evals = read_metrics(result.train.run_dir, "eval.csv")
     best = max((e.get("eval/f1", -1.0) for e in evals), default=None)
