@@ -3,7 +3,10 @@
 Every cell is `cloze finetune` (pipelines.finetune.finetune: Ray Train + DeepSpeed, dev-F1
 model selection, the exported HF folder scored on the test split) run for several seeds,
 reported as mean [min-max]. Rows are starting points, columns are tasks; every row of a
-column gets the same fine-tuning budget and recipe (epochs, learning rates, batch size).
+column gets the same fine-tuning budget (epochs, batch size, head learning rate) and the
+same encoder learning rates to choose from (--lrs): per seed, the rate with the best dev F1
+is reported, as one would tune each starting point (a random init wants a larger rate than
+a pretrained one); the test split never takes part in the choice.
 
 Rows (`--rows`, comma-separated; the pretrained folders come from the options):
   random          fresh weights of the cloze model's shape and vocabulary (--cloze), fine-tuned
@@ -65,35 +68,52 @@ def row_init(row: str, args) -> dict:
     return {"init": folders[base], "mode": "frozen" if mode == "frozen" else "finetune"}
 
 
-def run_cell(row: str, column: str, seed: int, args) -> dict:
+def run_cell(row: str, column: str, seed: int, lr: float, args) -> dict:
+    """One fine-tuning run: its best dev F1 (what selects the learning rate) and its test metric."""
     from pipelines.finetune import FinetuneConfig, finetune
+    from pipelines.train.metrics import best_eval
 
-    name = f"{row}.{column}.{seed}"
+    name = f"{row}.{column}.{seed}.{lr:g}"
     table = {"storage_path": str(Path(args.work) / "runs"), "name": f"{name}-{time.time_ns()}",
              "num_workers": 1, "cpus_per_worker": float(args.cpus), "zero_stage": 0, "seed": seed,
              "batch_size_per_worker": args.batch, "max_seq_len": args.max_seq_len, "patience": 0,
-             "head_lr": args.head_lr, "optimizer": {"lr": args.lr, "warmup_steps": args.warmup},
+             "head_lr": args.head_lr, "optimizer": {"lr": lr, "warmup_steps": args.warmup},
              **COLUMNS[column], **row_init(row, args)}
     table["output"] = str(Path(args.work) / "models" / table["name"])
     t0 = time.perf_counter()
     result = finetune(FinetuneConfig.from_dict(table), progress=False, log=lambda *a: None)
     test = result.test or {}
     metric = test.get("accuracy", test.get("f1"))
-    return {"row": row, "column": column, "seed": seed, "metric": metric, "f1": test.get("f1"),
-            "seconds": round(time.perf_counter() - t0, 1), "init": table["init"], "lr": args.lr,
+    dev = (best_eval(result.train.run_dir) or {}).get("eval/f1")
+    return {"row": row, "column": column, "seed": seed, "metric": metric, "f1": test.get("f1"), "dev_f1": dev,
+            "seconds": round(time.perf_counter() - t0, 1), "init": table["init"], "lr": lr,
             "head_lr": args.head_lr, "budget": COLUMNS[column]}
+
+
+def selected(results: list[dict]) -> list[dict]:
+    """Per (row, column, seed): the run whose learning rate did best on dev (test never looked at)."""
+    best: dict[tuple, dict] = {}
+    for r in results:
+        k = (r["row"], r["column"], r["seed"])
+        if k not in best or (r.get("dev_f1") or -1.0) > (best[k].get("dev_f1") or -1.0):
+            best[k] = r
+    return list(best.values())
 
 
 def table_markdown(results: list[dict], rows: list[str], columns: list[str]) -> str:
     cells: dict[tuple[str, str], list[float]] = {}
-    for r in results:
+    lrs: dict[tuple[str, str], set] = {}
+    for r in selected(results):
         cells.setdefault((r["row"], r["column"]), []).append(r["metric"])
+        lrs.setdefault((r["row"], r["column"]), set()).add(f"{r['lr']:g}")
     lines = ["| row | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for row in rows:
         out = []
         for col in columns:
             v = cells.get((row, col))
-            out.append(f"{statistics.mean(v):.3f} [{min(v):.3f}-{max(v):.3f}] (n={len(v)})" if v else "not run")
+            chosen = "/".join(sorted(lrs.get((row, col), ())))
+            out.append(f"{statistics.mean(v):.3f} [{min(v):.3f}-{max(v):.3f}] (n={len(v)}, lr {chosen})" if v
+                       else "not run")
         lines.append(f"| {row} | " + " | ".join(out) + " |")
     return "\n".join(lines)
 
@@ -107,8 +127,9 @@ def main() -> None:
     p.add_argument("--large", help="a cloze model pretrained with a larger budget")
     p.add_argument("--dapt", help="MiniLM after cloze continued pretraining on in-domain text")
     p.add_argument("--ablation", action="append", default=[], metavar="NAME=DIR")
-    p.add_argument("--lr", type=float, default=1e-4, help="encoder learning rate (every row)")
-    p.add_argument("--head-lr", type=float, default=1e-3, help="classifier head learning rate (every row)")
+    p.add_argument("--lrs", default="1e-3,3e-4,1e-4",
+                   help="encoder learning rates tried for every cell; the best on dev is reported")
+    p.add_argument("--head-lr", type=float, default=2e-3, help="classifier head learning rate (every row)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--max-seq-len", type=int, default=128)
@@ -128,18 +149,20 @@ def main() -> None:
     out = Path(args.results)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = [json.loads(line) for line in out.read_text().splitlines()] if out.is_file() else []
-    def key(r):  # a result counts for this table only with the same init and recipe
-        return (r["row"], r["column"], r["seed"], r["init"], r["lr"], r["head_lr"], json.dumps(r["budget"]))
+    lrs = [float(x) for x in args.lrs.split(",")]
 
-    done = [r for r in done if r["row"] in rows and r["column"] in columns and key(r)[3:] == key({**r, "init": row_init(r["row"], args)["init"], "lr": args.lr,
-                                                    "head_lr": args.head_lr, "budget": COLUMNS[r["column"]]})[3:]]
-    have = {key(r)[:3] for r in done}
+    def same_recipe(r):  # a result counts for this table only with the same init and recipe
+        return (r["row"] in rows and r["column"] in columns and r["lr"] in lrs and r["head_lr"] == args.head_lr
+                and r["init"] == row_init(r["row"], args)["init"] and r["budget"] == COLUMNS[r["column"]])
+
+    done = [r for r in done if same_recipe(r)]
+    have = {(r["row"], r["column"], r["seed"], r["lr"]) for r in done}
     for column in columns:
         for row in rows:
-            for seed in map(int, args.seeds.split(",")):
-                if (row, column, seed) in have:
+            for seed, lr in ((s, lr) for s in map(int, args.seeds.split(",")) for lr in lrs):
+                if (row, column, seed, lr) in have:
                     continue
-                r = run_cell(row, column, seed, args)
+                r = run_cell(row, column, seed, lr, args)
                 print(json.dumps(r), flush=True)
                 with out.open("a") as fh:
                     fh.write(json.dumps(r) + "\n")

@@ -223,7 +223,7 @@ cloze.json); the run folder (checkpoints, metrics) is <output>.run/."""
 
 def cmd_finetune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from .finetune import FinetuneConfig, finetune
-    from .train.metrics import read_metrics
+    from .train.metrics import best_eval, read_metrics
 
     try:
         bad = next((k for k in overrides if k.split(".", 1)[0] not in ("finetune", "model")), None)
@@ -248,8 +248,8 @@ def cmd_finetune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         print(f"cloze finetune: error: {e}", file=sys.stderr)
         return 2
     evals = read_metrics(result.train.run_dir, "eval.csv")
-    if evals:
-        best = max(evals, key=lambda r: r.get("eval/f1", -1))
+    best = best_eval(result.train.run_dir)
+    if best:
         print(f"cloze finetune: dev F1 {evals[0].get('eval/f1', 0):.3f} (step 0) -> best {best.get('eval/f1', 0):.3f} "
               f"(step {best['step']:.0f})")
     if result.test:

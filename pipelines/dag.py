@@ -15,14 +15,13 @@ a stage whose folder is finished is skipped, an unfinished one resumes from its 
 checkpoint, and a changed config writes a new folder, so a rerun never destroys finished
 work; only `--force` redoes a stage. The stage's input is always the previous stage's
 output: the shard manifest decides vocabulary, special ids and sequence length.
-All configs are built and validated before Ray starts. Stages of the design that do not
-exist yet are listed as skipped, never faked.
+All configs are built and validated before Ray starts. The stage bodies are in
+`pipelines.stages`; this module plans them, chains them and keeps the console.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -31,19 +30,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .config import ConfigError, apply_overrides, load_toml
+from .stages import (answer_line, data_stage, deploy_stage, evaluate_stage, finetune_stage, pretrain_stage,
+                     sample_text, request)
 
 STAGES = ("data", "pretrain", "finetune", "evaluate", "deploy", "request")
 DOWNSTREAM = ("finetune", "evaluate", "deploy", "request")  # need a [finetune] table
-
-
-# [pretrain] fields that change where or how a run is watched, never the weights it trains:
-# a rerun that only changes them continues the same run folder
-NOT_HASHED = ("name", "storage_path", "shared_filesystem", "log_every", "report_every", "checkpoint_every",
-              "keep_checkpoints", "max_failures", "prefetch_batches", "cpus_per_worker")
-
-
-def _hash(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -144,163 +135,6 @@ def _plan_finetune(raw: dict, pre) -> Any:
                                      "shared_filesystem": pre.shared_filesystem})
 
 
-def _data_stage(data_cfg: dict, force: bool = False) -> dict:
-    from .data.config import DataConfig
-    from .data.pairs import build_sentence_pairs
-    from .storage import filesystem, join_path, read_bytes, remove
-
-    cfg = DataConfig.from_dict(data_cfg)
-    if force and read_bytes(join_path(cfg.output, "manifest.json")) is not None:
-        print(f"cloze run: --force: removing {cfg.output}")
-        remove(*filesystem(cfg.output))
-    manifest = build_sentence_pairs(cfg)
-    return {"output": cfg.output, "manifest": manifest, "hash": manifest["cache_key"]}
-
-
-def _up_to_date(run_dir: str, key: str, force: bool) -> dict | None:
-    """The stage's saved result when its folder is finished for this hash (and not forced);
-    otherwise None, after removing the folder when forced."""
-    from .storage import filesystem, join_path, read_bytes, remove
-    from .train.launch import has_checkpoints
-
-    stamp = read_bytes(join_path(run_dir, "stage.json"))
-    if stamp is not None and not force:
-        done = json.loads(stamp)
-        if done.get("hash") == key and done.get("model_dir") and read_bytes(join_path(done["model_dir"], "cloze.json")):
-            return {**done, "skipped": True}
-    if force and (stamp is not None or has_checkpoints(run_dir)):  # asked for: redo this stage from scratch
-        print(f"cloze run: --force: removing {run_dir}")
-        remove(*filesystem(run_dir))
-    return None
-
-
-def _finish(run_dir: str, out: dict) -> dict:
-    from .storage import join_path, write_atomic
-
-    write_atomic(join_path(run_dir, "stage.json"), json.dumps(out, indent=2, default=str).encode())
-    return out
-
-
-def _training_run(stage: str, cfg, name: str, upstream: str, force: bool, ignore: tuple[str, ...] = ()):
-    """(cfg named `<name>-<hash>`, hash, run folder, finished result or None, folder to resume
-    or None) of a training stage; the hash covers its config (less what only watches the
-    run) and the upstream stage's hash."""
-    from .train.launch import has_checkpoints, run_folder
-
-    key = _hash(stage, {k: v for k, v in cfg.to_dict().items() if k not in NOT_HASHED + ignore}, upstream)
-    cfg = dataclasses.replace(cfg, name=f"{name}-{key[:12]}")
-    run_dir = run_folder(cfg)
-    done = _up_to_date(run_dir, key, force)
-    return cfg, key, run_dir, done, (run_dir if done is None and has_checkpoints(run_dir) else None)
-
-
-def _pretrain_stage(pre_cfg: dict, data_out: dict, force: bool = False) -> dict:
-    """Pretrain into `<storage_path>/<name>-<hash>`: skipped when finished, resumed from its
-    newest complete checkpoint when a crash or a kill left it unfinished."""
-    from .pretrain import PretrainConfig, pretrain
-
-    cfg = PretrainConfig.from_dict({**pre_cfg, "data": data_out["output"]})
-    cfg, key, run_dir, done, resume = _training_run("pretrain", cfg, cfg.name, data_out["hash"], force)
-    if done is not None:
-        return done
-    result = pretrain(cfg, resume=resume, progress=False)
-    return _finish(run_dir, {"hash": key, "run_dir": result.run_dir, "model_dir": result.model_dir,
-                             "resumed": result.resumed_from is not None, "resumed_from": result.resumed_from,
-                             "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
-                             "evals": result.evals})
-
-
-def _finetune_stage(fine_cfg: dict, pre_out: dict, force: bool = False) -> dict:
-    """Fine-tune the pretrained model into `<storage_path>/finetune-<hash>` (same skip /
-    resume rules as pretraining; the hash covers the pretrained model's)."""
-    from .finetune import FinetuneConfig, finetune
-    from .train.metrics import read_metrics
-
-    cfg = FinetuneConfig.from_dict({**fine_cfg, "init": pre_out["model_dir"]})
-    cfg, key, run_dir, done, resume = _training_run("finetune", cfg, "finetune", pre_out["hash"], force, ("init",))
-    if done is not None:
-        return done
-    result = finetune(None if resume else cfg, resume=resume, progress=False, evaluate_test=False)
-    evals = read_metrics(result.train.run_dir, "eval.csv")
-    best = max((e.get("eval/f1", -1.0) for e in evals), default=None)
-    return _finish(run_dir, {"hash": key, "run_dir": result.train.run_dir, "model_dir": result.model_dir,
-                             "resumed": result.train.resumed_from is not None, "dev_f1": best,
-                             "task": cfg.task, "task_name": cfg.task_name,
-                             "test": cfg.test, "steps": result.train.metrics.get("step")})
-
-
-def _evaluate_stage(fine_out: dict, force: bool = False) -> dict:
-    """The fine-tuned model on the test set: eval.json, report.md, confusion.png in
-    `<finetune run>/evaluate` (skipped when there for this model)."""
-    from .builtin_tasks import builtin_task
-    from .evaluate import evaluate_folder
-    from .labeled import read_labeled
-    from .storage import join_path, read_bytes
-
-    out_dir = join_path(fine_out["run_dir"], "evaluate")
-    key = _hash("evaluate", fine_out["hash"])
-    old = read_bytes(join_path(out_dir, "stage.json"))
-    if old is not None and not force and json.loads(old).get("hash") == key:
-        return {**json.loads(old), "skipped": True}
-    if fine_out.get("task_name"):
-        test = builtin_task(fine_out["task_name"], "test")
-    elif fine_out.get("test"):
-        test = read_labeled(fine_out["test"], fine_out["task"])
-    else:
-        return {"hash": key, "skipped": True, "why": "no test set (finetune.test or a built-in task)"}
-    report = evaluate_folder(fine_out["model_dir"], test, output=out_dir)
-    headline = {k: report[k] for k in ("examples", "f1", "accuracy", "macro_f1") if k in report}
-    return _finish(out_dir, {"hash": key, "output": out_dir, **headline})
-
-
-def _deploy_stage(fine_out: dict, serve_cfg: dict, eval_out: dict | None = None) -> dict:
-    """Deploy the fine-tuned folder on Ray Serve (replicas outlive this task); runs after the
-    evaluate stage when there is one, so the endpoint never holds CPUs training needs."""
-    from .serve import deploy
-    from .serve_config import ServeConfig
-
-    cfg = ServeConfig.from_dict(serve_cfg)
-    url = deploy(fine_out["model_dir"], cfg)
-    return {"url": url, "model_dir": fine_out["model_dir"], "app": cfg.name}
-
-
-def _sample_text(fine_out: dict) -> tuple[str, str]:
-    """(route, text) of the request stage: the first test (else dev) example of the task."""
-    from .builtin_tasks import builtin_task
-    from .labeled import read_labeled
-
-    if fine_out.get("task_name"):
-        ds = builtin_task(fine_out["task_name"], "test")
-    else:
-        ds = read_labeled(fine_out.get("test") or fine_out["dev"], fine_out["task"])
-    if fine_out["task"] == "token":
-        return "/v1/entities", " ".join(ds.tokens[0])
-    return "/v1/classify", ds.texts[0]
-
-
-def request(url: str, route: str, text: str, token: str | None = None, timeout: float = 60.0) -> dict:
-    """POST one text to the endpoint; the JSON answer (raises on a non-2xx with its JSON reason)."""
-    import urllib.error
-    import urllib.request
-
-    body = json.dumps({"texts": [text]}).encode()
-    headers = {"content-type": "application/json", **({"authorization": f"Bearer {token}"} if token else {})}
-    req = urllib.request.Request(url + route, data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        raise RuntimeError(f"POST {url}{route}: HTTP {e.code}: {e.read()[:300].decode(errors='replace')}") from None
-
-
-def _answer(route: str, answer: dict) -> str:
-    first = answer["results"][0] if "results" in answer else answer
-    if route == "/v1/classify":
-        return f"label: {first['label']} ({first['score']:.2f})"
-    spans = first.get("entities", first.get("spans", []))
-    return "entities: " + (", ".join(f"{e['text']} ({e['type']})" for e in spans) or "none")
-
-
 def launch_dag(plan: RunPlan) -> dict[str, Any]:
     """Submit the planned stages, each waiting on the one before; returns their ObjectRefs."""
     import ray
@@ -314,17 +148,17 @@ def launch_dag(plan: RunPlan) -> dict[str, Any]:
 
     stages = plan.stages()
     data_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(plan.data).items()}
-    refs: dict[str, Any] = {"data": stage(_data_stage).remote(data_cfg, "data" in plan.force)}
+    refs: dict[str, Any] = {"data": stage(data_stage).remote(data_cfg, "data" in plan.force)}
     if "pretrain" in stages:
-        refs["pretrain"] = stage(_pretrain_stage).remote(plan.pretrain.to_dict(), refs["data"],
+        refs["pretrain"] = stage(pretrain_stage).remote(plan.pretrain.to_dict(), refs["data"],
                                                          "pretrain" in plan.force)
     if "finetune" in stages:
-        refs["finetune"] = stage(_finetune_stage).remote(plan.finetune.to_dict(), refs["pretrain"],
+        refs["finetune"] = stage(finetune_stage).remote(plan.finetune.to_dict(), refs["pretrain"],
                                                          "finetune" in plan.force)
     if "evaluate" in stages:
-        refs["evaluate"] = stage(_evaluate_stage).remote(refs["finetune"], "evaluate" in plan.force)
+        refs["evaluate"] = stage(evaluate_stage).remote(refs["finetune"], "evaluate" in plan.force)
     if "deploy" in stages:
-        refs["deploy"] = stage(_deploy_stage).remote(refs["finetune"], plan.serve.to_dict(), refs.get("evaluate"))
+        refs["deploy"] = stage(deploy_stage).remote(refs["finetune"], plan.serve.to_dict(), refs.get("evaluate"))
     return refs
 
 
@@ -391,12 +225,12 @@ def run(config_path: str | os.PathLike | None = None, overrides: Mapping[str, An
             log(held_out_summary(out["evals"], prog="cloze run"))
     try:
         if "deploy" in results and "request" in plan.stages():
-            route, text = _sample_text(results["finetune"])
+            route, text = sample_text(results["finetune"])
             answer = request(results["deploy"]["url"], route, text)
             results["request"] = {"route": route, "text": text, "answer": answer}
             timings["request"] = {"status": "done", "elapsed_s": round(time.perf_counter() - t0, 2)}
             log(f"cloze run: request   POST {results['deploy']['url']}{route} {json.dumps(text[:60] + '...')}")
-            log(f"cloze run:   {_answer(route, answer)}")
+            log(f"cloze run:   {answer_line(route, answer)}")
         not_run = [s for s in STAGES if s not in results]
         if not_run:
             log("cloze run: not run: " + ", ".join(not_run))

@@ -318,7 +318,7 @@ def test_token_sources_in_rays_order_and_never_shown(monkeypatch, tmp_path):
 
 def test_failure_reason_finds_the_error_line():
     task_error = ("cloze data: 4 units\n"
-                  "cloze run: error: \x1b[36mray::_pretrain_stage()\x1b[39m (pid=1, ip=127.0.0.1)\n"
+                  "cloze run: error: \x1b[36mray::pretrain_stage()\x1b[39m (pid=1, ip=127.0.0.1)\n"
                   '  File "/x/pipelines/train/config.py", line 175, in check_resources\n'
                   '    raise ConfigError(f"use_gpu: ...")\n'
                   "encoder.config.ConfigError: use_gpu: 1 workers x 1.0 GPUs, but the cluster has 0\n")

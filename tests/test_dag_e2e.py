@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from faults import kill_tree
 from pipelines.train.checkpoint import checkpoint_problem, checkpoint_step
@@ -155,3 +157,11 @@ def test_a_killed_cloze_run_resumes_from_its_last_checkpoint(ray_cluster, tmp_pa
     assert min(evals) == 0 and max(evals) == 40
     # the killed run's evaluations up to its checkpoint were kept, not redone from step 0
     assert evals[0]["time"] < killed_at and evals[4]["time"] < killed_at
+
+    # and the resumed run trained exactly what an uninterrupted run of the same config trains
+    fresh = run(LOCAL, {**overrides, "pretrain.storage_path": str(tmp_path / "fresh")}, log=lines.append,
+                until="pretrain")
+    assert fresh["resumed"] is False and fresh["model_dir"] != out["model_dir"]
+    resumed, uninterrupted = (load_file(Path(o["model_dir"]) / "model.safetensors") for o in (out, fresh))
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), "a resumed run diverged"

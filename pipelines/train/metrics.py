@@ -200,6 +200,12 @@ def read_metrics(run_dir: str | os.PathLike, file: str = "metrics.csv") -> list[
     return [rows[s] for s in sorted(rows)]
 
 
+def best_eval(run_dir: str | os.PathLike, metric: str = "eval/f1") -> dict[str, float] | None:
+    """The eval.csv row with the highest `metric` (the one early stopping selects), or None."""
+    evals = read_metrics(run_dir, "eval.csv")
+    return max(evals, key=lambda r: r.get(metric, -1.0)) if evals else None
+
+
 def _read_text(folder: str, name: str) -> str | None:
     from ..storage import join_path, read_bytes
 
