@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine  # noqa: E402
+from pipelines.quality import select_by_dev  # noqa: E402
 
 COLUMNS = {  # task, label fraction, the fine-tuning budget every row of the column gets
     "bbc-topic-10": {"task_name": "bbc-topic", "label_fraction": 0.1, "epochs": 20, "checkpoint_every": 22},
@@ -90,20 +91,10 @@ def run_cell(row: str, column: str, seed: int, lr: float, args) -> dict:
             "head_lr": args.head_lr, "budget": COLUMNS[column]}
 
 
-def selected(results: list[dict]) -> list[dict]:
-    """Per (row, column, seed): the run whose learning rate did best on dev (test never looked at)."""
-    best: dict[tuple, dict] = {}
-    for r in results:
-        k = (r["row"], r["column"], r["seed"])
-        if k not in best or (r.get("dev_f1") or -1.0) > (best[k].get("dev_f1") or -1.0):
-            best[k] = r
-    return list(best.values())
-
-
 def table_markdown(results: list[dict], rows: list[str], columns: list[str]) -> str:
     cells: dict[tuple[str, str], list[float]] = {}
     lrs: dict[tuple[str, str], set] = {}
-    for r in selected(results):
+    for r in select_by_dev(results):
         cells.setdefault((r["row"], r["column"]), []).append(r["metric"])
         lrs.setdefault((r["row"], r["column"]), set()).add(f"{r['lr']:g}")
     lines = ["| row | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
@@ -159,7 +150,9 @@ def main() -> None:
     have = {(r["row"], r["column"], r["seed"], r["lr"]) for r in done}
     for column in columns:
         for row in rows:
-            for seed, lr in ((s, lr) for s in map(int, args.seeds.split(",")) for lr in lrs):
+            # a frozen encoder never moves: its rows need one run per seed
+            tried = lrs[:1] if row_init(row, args)["mode"] == "frozen" else lrs
+            for seed, lr in ((s, lr) for s in map(int, args.seeds.split(",")) for lr in tried):
                 if (row, column, seed, lr) in have:
                     continue
                 r = run_cell(row, column, seed, lr, args)

@@ -216,3 +216,14 @@ def report_markdown(report: dict, title: str) -> str:
         for label, s in report["per_class"].items():
             lines.append(f"| {cell(label)} | {s['precision']:.4f} | {s['recall']:.4f} | {s['f1']:.4f} | {s['support']} |")
     return "\n".join(lines) + "\n"
+
+
+def select_by_dev(results: list[dict]) -> list[dict]:
+    """Rows of benchmarks/quality.py's results: per (row, column, seed), the run whose encoder
+    learning rate did best on dev (`dev_f1`); the test metric never takes part in the choice."""
+    best: dict[tuple, dict] = {}
+    for r in results:
+        k = (r["row"], r["column"], r["seed"])
+        if k not in best or (r.get("dev_f1") or -1.0) > (best[k].get("dev_f1") or -1.0):
+            best[k] = r
+    return list(best.values())

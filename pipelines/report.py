@@ -199,7 +199,9 @@ def _quality_section(path: str) -> str:
     body = read_bytes(path)
     if body is None:
         return f'<p class="note">no learning-quality results at {_e(path)}</p>'
-    results = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+    from .quality import select_by_dev
+
+    results = select_by_dev([json.loads(line) for line in body.decode().splitlines() if line.strip()])
     rows = list(dict.fromkeys(r["row"] for r in results))
     columns = list(dict.fromkeys(r["column"] for r in results))
     cells: dict[tuple[str, str], list[float]] = {}
@@ -210,7 +212,8 @@ def _quality_section(path: str) -> str:
     def cell(v: list[float] | None) -> str:
         return f"{statistics.mean(v):.3f} [{min(v):.3f}-{max(v):.3f}] (n={len(v)})" if v else "not run"
 
-    return (f'<p class="path">{_e(path)}: test accuracy (conll2003: entity F1), mean [min-max] over seeds</p>'
+    return (f'<p class="path">{_e(path)}: test accuracy (conll2003: entity F1), mean [min-max] over seeds, '
+            f'each seed at the encoder learning rate that did best on dev</p>'
             + _table(["starting point", *columns], [[row, *(cell(cells.get((row, c))) for c in columns)] for row in rows],
                      "quality"))
 

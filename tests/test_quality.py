@@ -174,3 +174,13 @@ def test_confusion_png_and_markdown(tmp_path):
     assert "| rec.autos | 0.6667 | 1.0000 | 0.8000 | 2 |" in md and "| sci\\|space |" in md
     ner = report_markdown(entity_report([["B-PER", "O"]], [["B-PER", "O"]]), "conll2003")
     assert "entity F1: **1.0000**" in ner and "| PER | 1.0000 | 1.0000 | 1.0000 | 1 |" in ner
+
+
+def test_the_quality_table_picks_each_seeds_learning_rate_on_dev_never_on_test():
+    from pipelines.quality import select_by_dev
+
+    runs = [{"row": "random", "column": "bbc", "seed": s, "lr": lr, "dev_f1": dev, "metric": test}
+            for s, lr, dev, test in [(1, 1e-3, 0.7, 0.60), (1, 3e-4, 0.5, 0.95),  # seed 1: the dev winner tests worse
+                                     (2, 1e-3, 0.4, 0.50), (2, 3e-4, 0.8, 0.70), (2, 1e-4, None, 0.99)]]
+    chosen = {r["seed"]: (r["lr"], r["metric"]) for r in select_by_dev(runs)}
+    assert chosen == {1: (1e-3, 0.60), 2: (3e-4, 0.70)}
