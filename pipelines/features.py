@@ -89,12 +89,16 @@ def cache_features(shards: list[str], encoder_folder: str, task: str, out_dir: s
     ctx.enable_progress_bars = False
     try:
         paths = [filesystem(s)[1] for s in shards]
+        # the read tasks need a CPU too: actors that took every CPU would wait on them forever
+        # (a 2-CPU machine with cpus_per_worker = 2); each actor still runs `cpus_per_actor` threads
+        total = ray.cluster_resources().get("CPU", 1.0)
+        actor_cpus = cpus_per_actor if use_gpu else min(cpus_per_actor, max(0.25, (total - 1) / max(1, actors)))
         ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["input_ids", "token_type_ids", "labels"])
         ds = ds.map_batches(FeatureExtractor, fn_constructor_kwargs={"encoder_folder": encoder_folder, "task": task,
                                                                      "threads": int(cpus_per_actor)},
                             batch_size=BATCH, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
-                            num_cpus=cpus_per_actor, num_gpus=1 if use_gpu else 0)
+                            num_cpus=actor_cpus, num_gpus=1 if use_gpu else 0)
         out_fs, out_root = filesystem(out_dir)
         out_fs.create_dir(out_root, recursive=True)
         files, rows = [], 0

@@ -132,9 +132,12 @@ def test_frozen_mode_trains_only_the_head(ray_cluster, tiny_init, topics, tmp_pa
 
     from pipelines.finetune import finetune
 
-    # the last weights are exported (no model selection): they are the trained ones, never step 0's
+    # the last weights are exported (no model selection): they are the trained ones, never step 0's.
+    # One worker with every CPU of the cluster, as the local profile has it: the feature actors
+    # must still leave the Ray Data read tasks a CPU (they once waited on each other forever)
     result = finetune(config(tmp_path, train=topics["train"], init=tiny_init, mode="frozen", max_steps=4,
-                             checkpoint_every=2, select_metric="", patience=0, output=str(tmp_path / "frozen")),
+                             checkpoint_every=2, select_metric="", patience=0, output=str(tmp_path / "frozen"),
+                             num_workers=1, cpus_per_worker=2.0, global_batch_size=8, zero_stage=0),
                       progress=False)
     before, after = load_file(str(Path(tiny_init) / "model.safetensors")), load_file(str(tmp_path / "frozen" /
                                                                                           "model.safetensors"))
