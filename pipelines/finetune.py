@@ -373,7 +373,7 @@ def resolve(cfg: FinetuneConfig, resume: bool = False) -> FinetuneTask:
         files = [join_path(data_dir, f"part-{s:05d}.parquet")
                  for s in range(math.ceil(len(train_split.input_ids) / SHARD_ROWS))]
     else:
-        files = write_shards(train_split, data_dir, cfg.task)
+        files = write_shards(train_split, data_dir, cfg.task, cfg.seed)
         write_atomic(join_path(data_dir, "manifest.json"), json.dumps(provenance, indent=2).encode())
     encoder_folder = ""
     if cfg.mode == "frozen":

@@ -39,8 +39,11 @@ def tokenize(ds, tok, label2id: dict[str, int]) -> Split:
     return Split(enc.input_ids, enc.token_type_ids, labels, list(ds.labels), enc.first_piece, sum(enc.truncated))
 
 
-def write_shards(split: Split, folder: str, task: str) -> list[str]:
-    """The training examples as Parquet shards (row groups of 1024) under `folder`."""
+def write_shards(split: Split, folder: str, task: str, seed: int) -> list[str]:
+    """The training examples as Parquet shards (row groups of 1024) under `folder`, in a
+    seeded random order: labeled files are often grouped by class (movie-sentiment lists its
+    positive snippets first), and the loader only shuffles within windows of rows, so a
+    file's order would give batches of a single class."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -50,11 +53,12 @@ def write_shards(split: Split, folder: str, task: str) -> list[str]:
     fs.create_dir(root, recursive=True)
     files = []
     label_type = pa.int32() if task == "sequence" else pa.list_(pa.int32())
-    for s, start in enumerate(range(0, len(split.input_ids), SHARD_ROWS)):
-        end = start + SHARD_ROWS
-        table = pa.table({"input_ids": pa.array(split.input_ids[start:end], pa.list_(pa.int32())),
-                          "token_type_ids": pa.array(split.token_type_ids[start:end], pa.list_(pa.int8())),
-                          "labels": pa.array(split.labels[start:end], label_type)})
+    order = np.random.default_rng(seed).permutation(len(split.input_ids))
+    for s, start in enumerate(range(0, len(order), SHARD_ROWS)):
+        rows = order[start:start + SHARD_ROWS]
+        table = pa.table({"input_ids": pa.array([split.input_ids[i] for i in rows], pa.list_(pa.int32())),
+                          "token_type_ids": pa.array([split.token_type_ids[i] for i in rows], pa.list_(pa.int8())),
+                          "labels": pa.array([split.labels[i] for i in rows], label_type)})
         name = f"part-{s:05d}.parquet"
         pq.write_table(table, f"{root}/{name}", filesystem=fs, row_group_size=1024, compression="zstd")
         files.append(join_path(folder, name))

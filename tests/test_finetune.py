@@ -80,7 +80,7 @@ def test_sequence_classifier_exports_a_folder_transformers_agrees_with(ray_clust
                              output=str(tmp_path / "model")), progress=False)
     assert result.model_dir == str(tmp_path / "model")
     rows = read_metrics(result.train.run_dir)
-    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert sum(r["loss"] for r in rows[-4:]) < sum(r["loss"] for r in rows[:4])  # per-batch losses are noisy
     evals = read_metrics(result.train.run_dir, "eval.csv")
     assert [int(e["step"]) for e in evals] == [0, 4, 8] and all(0 <= e["eval/f1"] <= 1 for e in evals)
     info = json.loads((tmp_path / "model" / "cloze.json").read_text())
@@ -262,3 +262,21 @@ def test_random_init_takes_the_shape_and_tokenizer_of_like(tiny_init, topics, tm
     init = load_file(str(Path(tiny_init) / "model.safetensors"))
     assert not torch.equal(model.model.encoder.embeddings.word_embeddings.weight,
                            init["embeddings.word_embeddings.weight"])  # fresh, not the pretrained weights
+
+
+def test_training_shards_never_keep_a_class_sorted_files_order(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipelines.finetune_data import Split, write_shards
+
+    n = 3000  # a file listing every positive before every negative (as movie-sentiment's does)
+    labels = [0] * (n // 2) + [1] * (n // 2)
+    split = Split([np.asarray([2, 10 + i % 50, 3]) for i in range(n)], [np.zeros(3, np.int8)] * n, labels,
+                  [str(x) for x in labels], [[1]] * n, 0)
+    files = write_shards(split, str(tmp_path / "a"), "sequence", seed=7)
+    rows = [r for f in files for r in pq.read_table(f).to_pylist()]
+    assert sorted(r["labels"] for r in rows) == labels  # every example once
+    first = [r["labels"] for r in rows[:1024]]  # one loader window: both classes, about half each
+    assert 0.4 < sum(first) / len(first) < 0.6
+    again = [r for f in write_shards(split, str(tmp_path / "b"), "sequence", seed=7) for r in pq.read_table(f).to_pylist()]
+    assert again == rows  # the order is the seed's: a resumed run reads the same shards
