@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine  # noqa: E402
-from pipelines.quality import select_by_dev  # noqa: E402
+from pipelines.quality import quality_cells  # noqa: E402
 
 COLUMNS = {  # task, label fraction, the fine-tuning budget every row of the column gets
     "bbc-topic-10": {"task_name": "bbc-topic", "label_fraction": 0.1, "epochs": 20, "checkpoint_every": 22},
@@ -92,20 +91,10 @@ def run_cell(row: str, column: str, seed: int, lr: float, args) -> dict:
 
 
 def table_markdown(results: list[dict], rows: list[str], columns: list[str]) -> str:
-    cells: dict[tuple[str, str], list[float]] = {}
-    lrs: dict[tuple[str, str], set] = {}
-    for r in select_by_dev(results):
-        cells.setdefault((r["row"], r["column"]), []).append(r["metric"])
-        lrs.setdefault((r["row"], r["column"]), set()).add(f"{r['lr']:g}")
+    cells = quality_cells(results)
     lines = ["| row | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for row in rows:
-        out = []
-        for col in columns:
-            v = cells.get((row, col))
-            chosen = "/".join(sorted(lrs.get((row, col), ())))
-            out.append(f"{statistics.mean(v):.3f} [{min(v):.3f}-{max(v):.3f}] (n={len(v)}, lr {chosen})" if v
-                       else "not run")
-        lines.append(f"| {row} | " + " | ".join(out) + " |")
+        lines.append(f"| {row} | " + " | ".join(cells.get((row, col), "not run") for col in columns) + " |")
     return "\n".join(lines)
 
 

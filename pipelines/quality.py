@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import numpy as np
 
 __all__ = ["classification_report", "bio_spans", "entity_report", "confusion_png", "report_markdown"]
@@ -227,3 +229,20 @@ def select_by_dev(results: list[dict]) -> list[dict]:
         if k not in best or (r.get("dev_f1") or -1.0) > (best[k].get("dev_f1") or -1.0):
             best[k] = r
     return list(best.values())
+
+
+def quality_cells(results: list[dict]) -> dict[tuple[str, str], str]:
+    """The learning-quality table's cells: per (row, column), "mean [min-max] (n=N, lr ...)"
+    of the test metric over seeds, each seed's run chosen by `select_by_dev`."""
+    values: dict[tuple[str, str], list[float]] = {}
+    lrs: dict[tuple[str, str], set[str]] = {}
+    for r in select_by_dev(results):
+        if r.get("metric") is None:
+            continue
+        key = (r["row"], r["column"])
+        values.setdefault(key, []).append(float(r["metric"]))
+        if "lr" in r:
+            lrs.setdefault(key, set()).add(f"{r['lr']:g}")
+    return {key: f"{statistics.mean(v):.3f} [{min(v):.3f}-{max(v):.3f}] (n={len(v)}"
+                 + (f", lr {'/'.join(sorted(lrs[key]))}" if key in lrs else "") + ")"
+            for key, v in values.items()}

@@ -24,7 +24,7 @@ import statistics
 from typing import Any, Iterable
 
 from .storage import is_uri, join_path, read_bytes, write_atomic
-from .train.metrics import read_metrics
+from .train.metrics import best_eval, read_metrics
 
 STAGES = ("data", "pretrain", "finetune", "evaluate", "deploy", "request")  # as pipelines.dag
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -199,22 +199,15 @@ def _quality_section(path: str) -> str:
     body = read_bytes(path)
     if body is None:
         return f'<p class="note">no learning-quality results at {_e(path)}</p>'
-    from .quality import select_by_dev
+    from .quality import quality_cells
 
-    results = select_by_dev([json.loads(line) for line in body.decode().splitlines() if line.strip()])
+    results = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
     rows = list(dict.fromkeys(r["row"] for r in results))
     columns = list(dict.fromkeys(r["column"] for r in results))
-    cells: dict[tuple[str, str], list[float]] = {}
-    for r in results:
-        if r.get("metric") is not None:
-            cells.setdefault((r["row"], r["column"]), []).append(float(r["metric"]))
-
-    def cell(v: list[float] | None) -> str:
-        return f"{statistics.mean(v):.3f} [{min(v):.3f}-{max(v):.3f}] (n={len(v)})" if v else "not run"
-
+    cells = quality_cells(results)
     return (f'<p class="path">{_e(path)}: test accuracy (conll2003: entity F1), mean [min-max] over seeds, '
             f'each seed at the encoder learning rate that did best on dev</p>'
-            + _table(["starting point", *columns], [[row, *(cell(cells.get((row, c))) for c in columns)] for row in rows],
+            + _table(["starting point", *columns], [[row, *(cells.get((row, c), "not run") for c in columns)] for row in rows],
                      "quality"))
 
 
@@ -291,9 +284,8 @@ def report_from_folders(pretrain_run_dir: str, finetune_run_dir: str | None = No
     if data_dir:
         results["data_dir"] = data_dir
     if finetune_run_dir:
-        evals = read_metrics(finetune_run_dir, "eval.csv")
-        results["finetune"] = {"run_dir": finetune_run_dir,
-                               "dev_f1": max((e["eval/f1"] for e in evals if "eval/f1" in e), default=None)}
+        best = best_eval(finetune_run_dir) or {}
+        results["finetune"] = {"run_dir": finetune_run_dir, "dev_f1": best.get("eval/f1")}
     if evaluate_dir:
         body = read_bytes(join_path(evaluate_dir, "eval.json"))
         report = json.loads(body) if body else {}

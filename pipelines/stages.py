@@ -38,8 +38,10 @@ def _stamp(folder: str, key: str, force: bool, complete=lambda done: True) -> di
     `complete` and the stage is not forced; otherwise None."""
     from .storage import join_path, read_bytes
 
+    if force:
+        return None
     stamp = read_bytes(join_path(folder, "stage.json"))
-    if stamp is None or force:
+    if stamp is None:
         return None
     done = json.loads(stamp)
     return {**done, "skipped": True} if done.get("hash") == key and complete(done) else None
