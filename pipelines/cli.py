@@ -110,11 +110,13 @@ def _field_comments(cls) -> dict[str, str]:
 DATA_DESCRIPTION = """\
 Turn raw documents into pretraining examples (the `pairs` stage) with Ray Data.
 
-Reads the bundled corpus ("bbc": BBC News, 2,225 articles; "20ng": 20 Newsgroups, 18,846
-posts) or your own .txt files (one document each, blank line = paragraph break), JSONL
-(a `text` field per line) or Parquet (a `text` column), from local paths or pyarrow
-filesystem URIs (s3://...). Documents are normalized (NFC, control characters, whitespace)
-and split into sentences; a WordPiece vocabulary is trained on them (or loaded); examples
+Reads the bundled corpora ("bbc": BBC News, 2,225 articles; "20ng": 20 Newsgroups, 18,846
+posts; "task:NAME" or "task:NAME*PASSES": a built-in labeled task's *training* texts,
+unlabeled, 16 to a pseudo-document, for task-adaptive pretraining) or your own .txt files
+(one document each, blank line = paragraph break), JSONL (a `text` field per line) or
+Parquet (a `text` column), from local paths or pyarrow filesystem URIs (s3://...).
+Documents are normalized (NFC, control characters, whitespace) and split into sentences;
+a WordPiece vocabulary is trained on them (or loaded); examples
 are built for one task: nsp (next sentence prediction, label 0 = true continuation),
 sop (sentence order, label 1 = swapped), shuffle (one paragraph, label 1 = shuffled) or
 mlm (text blocks only). MLM masks are drawn per epoch by the training collator unless
@@ -159,6 +161,7 @@ def _quiet_ray_data() -> None:
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
 
 
 def cmd_pretrain(args: argparse.Namespace, overrides: dict[str, Any]) -> int:

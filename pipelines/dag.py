@@ -193,12 +193,11 @@ def run(config_path: str | os.PathLike | None = None, overrides: Mapping[str, An
     plan = plan_run(config_path, overrides, force, until)  # every error before Ray starts
     import ray
 
-    if not ray.is_initialized():  # Ray's own chatter stays in its session logs, not on the console
-        ray.init(include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}})
-    logs = _session_logs()
-    if logs:
-        log(f"cloze run: Ray's logs (workers, stages): {logs}")
+    from .ray_session import session_logs, start_ray
+
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
+    started = start_ray(log, "cloze run", runtime_env={"env_vars": env})
+    logs = session_logs()
     t0 = time.perf_counter()
     refs = launch_dag(plan)
     results: dict[str, dict] = {}
@@ -249,17 +248,11 @@ def run(config_path: str | os.PathLike | None = None, overrides: Mapping[str, An
         if "deploy" in results and not keep_serving:
             from .serve import shutdown
 
-            shutdown()
+            if started:  # our own Ray: stopping it stops Serve without Serve's shutdown chatter
+                ray.shutdown()
+            else:
+                shutdown()
     return out
-
-
-def _session_logs() -> str | None:
-    try:
-        from ray._private import worker
-
-        return str(Path(worker._global_node.get_session_dir_path()) / "logs")
-    except Exception:  # a client or an older Ray: no local session folder to point at
-        return None
 
 
 def _wait(ref, name: str, plan: RunPlan):

@@ -132,3 +132,27 @@ def collate_features(rows: Mapping[str, list], task: str, hidden: int) -> dict[s
     mask = (torch.arange(width)[None, :] < torch.as_tensor(lengths)[:, None]).long()
     return {"features": feats, "attention_mask": mask, "lengths": torch.as_tensor(lengths),
             "labels": pad_rows([np.asarray(x) for x in rows["labels"]], IGNORE, 8)[:, :width]}
+
+
+def frozen_features(cfg, run_dir: str, files: list[str], enc_cfg, tok_folder: str,
+                    provenance: dict) -> tuple[str, list[str]]:
+    """(encoder folder, feature shards) of a frozen run. A random encoder is drawn once (from
+    the seed) and saved in the run folder, so the cache, the workers and the export agree."""
+    from encoder import Encoder
+
+    from .config import ConfigError
+
+    folder = cfg.init
+    if cfg.init == "random":
+        folder = join_path(run_dir, "random-encoder")
+        if read_bytes(join_path(folder, "model.safetensors")) is None:
+            from encoder.hf import save_pretrained
+
+            torch.manual_seed(cfg.seed)
+            encoder = Encoder(enc_cfg)
+            if "://" in folder:
+                raise ConfigError("init = \"random\" with mode = \"frozen\" needs a local storage_path")
+            save_pretrained(encoder, folder, tokenizer=tok_folder)
+    key = cache_key(provenance["examples_sha256"], folder, cfg.task)
+    return folder, cache_features(files, folder, cfg.task, join_path(run_dir, FEATURES_DIR), key,
+                                  actors=cfg.num_workers, cpus_per_actor=cfg.cpus_per_worker, use_gpu=cfg.use_gpu)

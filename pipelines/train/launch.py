@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..config import ConfigError
+from ..ray_session import start_ray
 from ..storage import filesystem, join_path, read_bytes, to_uri, write_atomic
 from .checkpoint import latest_valid_checkpoint
 from .config import check_resources, check_storage, torch_extensions_dir
@@ -47,7 +48,8 @@ def _progress(run_dir: str, total: int, stop: threading.Event, desc: str) -> Non
         if rows:
             last = rows[-1]
             bar.n = int(last["step"])
-            bar.set_postfix(loss=f"{last.get('loss', float('nan')):.3f}", tok_s=f"{last.get('tokens_per_s', 0):.0f}")
+            bar.set_postfix(loss=f"{last.get('loss', float('nan')):.3f}", tok_s=f"{last.get('tokens_per_s', 0):.0f}",
+                            refresh=False)
             bar.refresh()
     rows = read_metrics(run_dir)
     bar.n = int(rows[-1]["step"]) if rows else bar.n
@@ -91,8 +93,7 @@ def fit(task: Task, resume: str | os.PathLike | None = None, progress: bool = Tr
     elif has_checkpoints(run_dir):
         raise ConfigError(f"run folder {run_dir} already has checkpoints: pass --resume {run_dir} or pick another name")
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)
+    start_ray(log, f"cloze {task.name}")
     res = ray.cluster_resources()
     check_resources(cfg, res.get("CPU", 0.0), res.get("GPU", 0.0))
     check_storage(cfg, sum(1 for n in ray.nodes() if n.get("Alive")), task.input_paths())

@@ -79,11 +79,13 @@ class WarmupDecay:
 
 
 def build_engine(model: torch.nn.Module, groups: list[dict], cfg: TrainConfig, ds_config: dict):
-    """(engine, schedule): a client AdamW (no JIT-built DeepSpeed Adam) + LambdaLR, wrapped."""
+    """(engine, schedule): a client AdamW (no JIT-built DeepSpeed Adam) + LambdaLR, wrapped.
+    The AdamW is torch's fused kernel (CPU and CUDA): one pass over each flat ZeRO partition
+    instead of a loop of small ops, 9-11% of a fine-tuning step on CPU (BENCHMARKS)."""
     import deepspeed
 
     opt = cfg.optimizer
-    optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
+    optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupDecay(
         opt.warmup_steps, cfg.max_steps, opt.decay, opt.min_lr_ratio))
     engine, _, _, schedule = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
