@@ -120,3 +120,22 @@ def load_toml(path: str | Path) -> dict:
         return tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
+
+
+QUANTIZE_MODES = ("none", "int8")
+INFERENCE_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def check_inference(quantize: str, device: str, dtype: str, prefix: str = "") -> None:
+    """The inference settings a Predictor runs (ConfigError, a ValueError, otherwise); `prefix`
+    names the table in the message, e.g. "serve."."""
+    if quantize not in QUANTIZE_MODES:
+        raise ConfigError(f"{prefix}quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"{prefix}device must be cpu or cuda, got {device!r}")
+    if dtype not in INFERENCE_DTYPES:
+        raise ConfigError(f"{prefix}dtype must be one of {', '.join(INFERENCE_DTYPES)}, got {dtype!r}")
+    if dtype == "fp16" and device == "cpu":
+        raise ConfigError(f"{prefix}dtype fp16 needs a GPU (on CPUs use fp32, bf16 or quantize int8)")
+    if quantize == "int8" and (device != "cpu" or dtype != "fp32"):
+        raise ConfigError(f"{prefix}quantize int8 is for fp32 CPU inference (on a GPU use dtype bf16 or fp16)")

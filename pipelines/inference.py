@@ -29,8 +29,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .config import check_inference
+
 IGNORE = -100
-QUANTIZE_MODES = ("none", "int8")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # config.INFERENCE_DTYPES
 POOLING_MODES = ("cls", "mean")
 WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -140,9 +142,11 @@ class Predictor:
     """A classifier folder (cloze or HF `BertFor{Sequence,Token}Classification`) ready to predict."""
 
     def __init__(self, folder: str, max_seq_len: int | None = None, batch_size: int = 32,
-                 quantize: str = "none", threads: int | None = None):
+                 quantize: str = "none", threads: int | None = None, device: str = "cpu", dtype: str = "fp32"):
         """`quantize`: "none" or "int8" (see `quantize_int8`); `threads`: set torch's intra-op
-        threads (process-wide) to this many, e.g. a Ray replica's CPUs; None leaves them."""
+        threads (process-wide) to this many, e.g. a Ray replica's CPUs; None leaves them.
+        `device`: "cpu" or "cuda" (the process's current GPU); `dtype`: the weights' and
+        activations' type, fp32 | bf16 | fp16 (fp16: GPU only). Outputs are fp32 on the CPU."""
         import json
 
         from encoder.hf import load_pretrained
@@ -150,8 +154,7 @@ class Predictor:
         self.folder = str(folder)
         info = Path(folder, "cloze.json")
         trained = json.loads(info.read_text()).get("metadata", {}).get("finetune_config", {}) if info.is_file() else {}
-        if quantize not in QUANTIZE_MODES:
-            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
+        check_inference(quantize, device, dtype)
         if threads is not None:
             torch.set_num_threads(max(1, int(threads)))
         self.model = load_pretrained(folder).eval()
@@ -159,9 +162,10 @@ class Predictor:
         if type(self.model).__name__ not in ("SequenceClassifier", "TokenClassifier"):
             raise ValueError(f"{folder} holds no sequence or token classifier")
         self.labels = [self.model.id2label[i] for i in range(self.model.num_labels)]
-        self.quantize = quantize
+        self.quantize, self.device, self.dtype = quantize, torch.device(device), dtype
         if quantize == "int8":
             self.model = quantize_int8(self.model)
+        self.model = self.model.to(device=self.device, dtype=DTYPES[dtype])
         # the length it was fine-tuned (and selected) at, else the model's limit
         self.max_seq_len = max_seq_len or trained.get("max_seq_len") or min(512, self.model.config.max_position_embeddings)
         self.tok = tokenizer_for(self.folder, self.max_seq_len)
@@ -173,8 +177,10 @@ class Predictor:
         """`run` over padded chunks of `batch_size` examples; one output per example."""
         out = []
         for i in range(0, len(enc.input_ids), self.batch_size):
-            out += run(pad_batch(enc.input_ids[i:i + self.batch_size], enc.token_type_ids[i:i + self.batch_size],
-                                 self.pad_id))
+            batch = pad_batch(enc.input_ids[i:i + self.batch_size], enc.token_type_ids[i:i + self.batch_size],
+                              self.pad_id)
+            rows = run({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+            out += [r.float().cpu() for r in rows]  # no-ops for fp32 on the CPU
         return out
 
     def _logit_rows(self, batch: dict) -> list[torch.Tensor]:

@@ -57,11 +57,11 @@ class Scorer:
     plus the prediction columns (and which worker scored it) out. Runs without Ray too."""
 
     def __init__(self, model: str, plan: Plan, prefix: str = "", batch_size: int = 32, max_seq_len: int = 0,
-                 quantize: str = "none", threads: int | None = None):
+                 quantize: str = "none", threads: int | None = None, device: str = "cpu", dtype: str = "fp32"):
         from .inference import Predictor
 
         self.predictor = Predictor(model, max_seq_len=max_seq_len or None, batch_size=batch_size,
-                                   quantize=quantize, threads=threads)
+                                   quantize=quantize, threads=threads, device=device, dtype=dtype)
         self.plan, self.prefix = plan, prefix
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -216,6 +216,10 @@ def _check_cluster(config: ScoreConfig, ray) -> None:
         raise ConfigError(f"min_actors {config.min_actors} x cpus_per_actor {config.cpus_per_actor} leaves none of "
                           f"the cluster's {cpus:g} CPUs for reading the input, and the pool would wait for it forever: "
                           f"lower min_actors (max_actors can take the rest)")
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    if config.min_actors * config.gpus_per_actor > gpus:
+        raise ConfigError(f"min_actors {config.min_actors} x gpus_per_actor {config.gpus_per_actor:g} needs more GPUs "
+                          f"than the cluster's {gpus:g}; the pool would wait for them forever")
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     local = [k for k in ("model", "input", "output") if not is_uri(getattr(config, k))]
     if nodes > 1 and local and not config.shared_filesystem:
@@ -276,10 +280,11 @@ def score(config: ScoreConfig, log=print, found: Plan | None = None) -> dict:
         ds = _read(found, filesystem(config.input)[0]).repartition(target_num_rows_per_block=config.rows_per_block)
         ds = ds.map_batches(
             Scorer, batch_format="pyarrow", batch_size=config.rows_per_block, num_cpus=config.cpus_per_actor,
-            compute=ray.data.ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
+            **({"num_gpus": config.gpus_per_actor} if config.gpus_per_actor else {}), compute=ray.data.ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
             fn_constructor_kwargs=dict(model=os.path.abspath(config.model), plan=found, prefix=config.prefix,
                                        batch_size=config.batch_size, max_seq_len=config.max_seq_len,
-                                       quantize=config.quantize, threads=max(1, int(config.cpus_per_actor))))
+                                       quantize=config.quantize, threads=max(1, int(config.cpus_per_actor)),
+                                       device=config.device, dtype=config.dtype))
         out_fs, tmp_root = filesystem(staging.tmp)
         sink = _sink_class()(tmp_root, fmt=found.output_format, filesystem=out_fs, json_columns=json_columns,
                              error_column=config.prefix + "error", min_rows_per_file=config.rows_per_file)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import ConfigError, apply_overrides, build_dataclass, load_toml
+from .config import ConfigError, apply_overrides, build_dataclass, check_inference, load_toml
 from .storage import filesystem, is_uri
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
@@ -41,6 +41,8 @@ class ScoreConfig:
     max_actors: int = 2  # and grows up to here while there is a backlog
     cpus_per_actor: float = 1.0  # Ray CPUs per actor; torch threads = this, rounded down (at least 1)
     quantize: str = "none"  # none | int8 (dynamic int8 quantization of the Linear layers)
+    gpus_per_actor: float = 0.0  # GPUs per actor (0.5: two actors share one); 0 = CPU actors
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 (fp16: GPU actors only); outputs are fp32 either way
     max_seq_len: int = 0  # tokens per row; 0 = the length the model was fine-tuned at
     preserve_order: bool = True  # output files and rows in input order (part-00000 first)
     overwrite: bool = False  # replace an existing output (it is replaced only once the new one is complete)
@@ -61,12 +63,17 @@ class ScoreConfig:
             ("min_actors", self.min_actors >= 1, "must be >= 1"),
             ("max_actors", self.max_actors >= self.min_actors, "must be >= min_actors"),
             ("cpus_per_actor", self.cpus_per_actor > 0, "must be > 0"),
-            ("quantize", self.quantize in ("none", "int8"), "must be none or int8"),
+            ("gpus_per_actor", 0 <= self.gpus_per_actor <= 64, "must be in [0, 64]"),
             ("max_seq_len", self.max_seq_len == 0 or 8 <= self.max_seq_len <= 8192, "must be 0 or in [8, 8192]"),
         ]
         for key, ok, why in checks:
             if not ok:
                 raise ConfigError(f"{key} {why}, got {getattr(self, key)!r}")
+        check_inference(self.quantize, self.device, self.dtype)
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus_per_actor > 0 else "cpu"
 
     @classmethod
     def from_toml(cls, path, overrides: Mapping[str, Any] | None = None) -> "ScoreConfig":

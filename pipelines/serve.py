@@ -92,7 +92,7 @@ def application(model_dir: str, cfg: ServeConfig, auth_digest: str | None):
         serve.ingress()(Replica), name=DEPLOYMENT, max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
         backpressure_config={"status_code": 429, "retry_after_s": cfg.retry_after_s},
-        ray_actor_options={"num_cpus": cfg.num_cpus}, graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
+        ray_actor_options=cfg.actor_options, graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
         **scaling)
     return deployment.bind(model_dir, cfg.to_dict(), auth_digest)
 
@@ -147,9 +147,21 @@ def deploy(model_dir: str, config: ServeConfig | None = None, api_token: str | N
     folder = check_model(model_dir, cfg)
     token = api_token if api_token is not None else os.environ.get("CLOZE_API_TOKEN") or None
     start_ray(lambda *a: None, "cloze serve", address=address, configure_logging=False)
+    check_gpus(cfg)
     url = _start_serve(cfg)
     serve.run(application(folder, cfg, token_digest(token) if token else None), name=cfg.name, route_prefix="/")
     return url
+
+
+def check_gpus(cfg: ServeConfig) -> None:
+    """GPU replicas on a cluster without the GPUs for `min_replicas` of them would wait
+    forever for resources: refused before anything is deployed."""
+    import ray
+
+    have = ray.cluster_resources().get("GPU", 0.0)
+    if cfg.num_gpus and have < cfg.num_gpus * cfg.min_replicas:
+        raise ConfigError(f"serve.num_gpus = {cfg.num_gpus:g} x min_replicas {cfg.min_replicas} needs "
+                          f"{cfg.num_gpus * cfg.min_replicas:g} GPUs; the Ray cluster has {have:g}")
 
 
 def swap(model_dir: str, name: str = "cloze", timeout_s: float = 300.0) -> dict:

@@ -67,14 +67,15 @@ class Replica:
         self.model_dir, self.auth_digest = str(model_dir), auth_digest
         self.predictor = Predictor(self.model_dir, max_seq_len=self.cfg.max_seq_len or None,
                                    batch_size=self.cfg.max_batch_size, quantize=self.cfg.quantize,
-                                   threads=self.cfg.threads)
+                                   threads=self.cfg.threads, device=self.cfg.device, dtype=self.cfg.dtype)
         self.name = Path(self.model_dir).name
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.metrics = ReplicaMetrics(self.replica_id, self.name)
         self.info = {"name": self.name, "task": self.predictor.kind, "labels": self.predictor.labels,
                      "max_seq_len": self.predictor.max_seq_len,
                      "hidden_size": self.predictor.model.config.hidden_size,
-                     "quantize": self.cfg.quantize, "pooling": self.cfg.pooling, "batching": self.cfg.batching,
+                     "quantize": self.cfg.quantize, "dtype": self.cfg.dtype, "device": self.cfg.device,
+                     "pooling": self.cfg.pooling, "batching": self.cfg.batching,
                      "provenance": provenance(self.model_dir),
                      "limits": {k: getattr(self.cfg, k) for k in (
                          "max_texts_per_request", "max_chars_per_text", "max_body_bytes", "max_batch_size",

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .config import ConfigError, apply_overrides, build_dataclass, load_toml
+from .config import ConfigError, apply_overrides, build_dataclass, check_inference, load_toml
 
 BATCHING_MODES = ("tokens", "count", "none")
 
@@ -41,6 +41,8 @@ class ServeConfig:
     max_body_bytes: int = 2 * 1024 * 1024  # request body size; more is a 413
     max_seq_len: int = 0  # tokens per text ([CLS]/[SEP] included; longer ones are cut); 0 = the model's
     quantize: str = "none"  # none | int8 (dynamic int8 Linear layers, CPU)
+    num_gpus: float = 0.0  # GPUs per replica (e.g. 1, or 0.5 to pack two replicas on a GPU); 0 = CPU replicas
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 (fp16: GPU replicas only); outputs are fp32 either way
     pooling: str = "mean"  # /v1/embed and /v1/embeddings default: cls (h_cls) | mean (mean over real tokens)
     request_timeout_s: float = 30.0  # the proxy answers 408 after this long
     graceful_shutdown_timeout_s: float = 20.0  # a replica being replaced finishes its requests within this
@@ -70,7 +72,7 @@ class ServeConfig:
             ("max_chars_per_text", self.max_chars_per_text >= 1, "must be >= 1"),
             ("max_body_bytes", self.max_body_bytes >= 1024, "must be >= 1024"),
             ("max_seq_len", self.max_seq_len == 0 or 8 <= self.max_seq_len <= 8192, "must be 0 or in [8, 8192]"),
-            ("quantize", self.quantize in ("none", "int8"), "must be none or int8"),
+            ("num_gpus", 0 <= self.num_gpus <= 64, "must be in [0, 64]"),
             ("pooling", self.pooling in ("cls", "mean"), "must be cls or mean"),
             ("request_timeout_s", self.request_timeout_s > 0, "must be > 0"),
             ("graceful_shutdown_timeout_s", self.graceful_shutdown_timeout_s >= 0, "must be >= 0"),
@@ -78,6 +80,7 @@ class ServeConfig:
         for key, ok, why in checks:
             if not ok:
                 raise ConfigError(f"serve.{key} {why}, got {getattr(self, key)!r}")
+        check_inference(self.quantize, self.device, self.dtype, "serve.")
         if self.batching != "none" and self.max_ongoing_requests < self.max_batch_size:
             raise ConfigError(
                 f"serve.max_ongoing_requests ({self.max_ongoing_requests}) < serve.max_batch_size "
@@ -89,6 +92,15 @@ class ServeConfig:
         """torch intra-op threads of a replica: its reserved CPUs (an actor without num_cpus runs
         with OMP_NUM_THREADS=1)."""
         return max(1, math.floor(self.num_cpus))
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+    @property
+    def actor_options(self) -> dict[str, float]:
+        """A replica's Ray resources."""
+        return {"num_cpus": self.num_cpus, **({"num_gpus": self.num_gpus} if self.num_gpus else {})}
 
     @property
     def autoscaling(self) -> bool:

@@ -29,8 +29,11 @@ def data_stage(data_cfg: dict, force: bool = False) -> dict:
     if force and read_bytes(join_path(cfg.output, "manifest.json")) is not None:
         print(f"cloze run: --force: removing {cfg.output}")
         remove(*filesystem(cfg.output))
+    before = read_bytes(join_path(cfg.output, "manifest.json"))
     manifest = build_sentence_pairs(cfg)
-    return {"output": cfg.output, "manifest": manifest, "hash": manifest["cache_key"]}
+    cached = before is not None and json.loads(before) == manifest  # a rebuild writes a new wall time
+    out = {"output": cfg.output, "manifest": manifest, "hash": manifest["cache_key"]}
+    return {**out, "skipped": True} if cached else out
 
 
 def _stamp(folder: str, key: str, force: bool, complete=lambda done: True) -> dict | None:

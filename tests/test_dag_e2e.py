@@ -111,6 +111,7 @@ def test_cloze_run_dag_trains_exports_caches_and_keeps_finished_runs(ray_cluster
     again = run(LOCAL, overrides, log=lines.append, until="evaluate")
     assert again.get("skipped") is True and again["model_dir"] == out["model_dir"]
     assert again["finetune"]["skipped"] is True and again["evaluate"]["skipped"] is True
+    assert {s["status"] for s in again["stages"].values()} == {"cached"}  # the data stage too
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp
 
     # a changed config (a longer run, another mask rate) is a new run folder; the finished one stays

@@ -111,6 +111,9 @@ def test_bad_input_is_an_exit_2_error_before_ray(models, tmp_path, capsys):
         (["--model", models["sequence"], "--input", str(table), "--score.quantise", "int8"],
          "unknown config key score.quantise"),
         (["--model", models["sequence"], "--input", str(table), "--finetune.epochs", "1"], "only the [score] table"),
+        (["--model", models["sequence"], "--input", str(table), "--score.dtype", "fp16"], "fp16 needs a GPU"),
+        (["--model", models["sequence"], "--input", str(table), "--score.quantize", "int8", "--score.gpus_per_actor",
+          "1"], "quantize int8 is for fp32 CPU inference"),
     ]
     for argv, message in cases:
         argv = ["score", *argv] + ([] if "--output" in argv else ["--output", str(tmp_path / "out")])

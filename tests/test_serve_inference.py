@@ -156,3 +156,34 @@ def test_threads_option_sets_torchs_thread_count(seq_dir):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_bf16_runs_the_model_in_bf16_and_answers_in_fp32(seq_dir):
+    """dtype bf16 (what a GPU replica would use; CPUs run it too): the weights are bf16, the
+    answers fp32 and close to fp32's; the device / dtype pairs that cannot run are refused."""
+    from pipelines.inference import Predictor
+
+    texts = ["the market fell sharply today", "a quiet day", "goals in the last minute won the cup"]
+    full, half = Predictor(seq_dir), Predictor(seq_dir, dtype="bf16")
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+    assert [r["label"] for r in full.classify(texts)] == [r["label"] for r in half.classify(texts)]
+    for x, y in zip(full.classify(texts), half.classify(texts)):
+        assert all(abs(x["probs"][k] - y["probs"][k]) < 0.03 for k in x["probs"])
+    assert all(e.dtype == torch.float32 for e in half.embeddings(half.encode(texts), "mean"))
+    for kwargs, message in (({"dtype": "fp16"}, "fp16 needs a GPU"), ({"quantize": "int8", "dtype": "bf16"}, "int8"),
+                            ({"device": "tpu"}, "device must be cpu or cuda")):
+        with pytest.raises(ValueError, match=message):
+            Predictor(seq_dir, **kwargs)
+
+
+@pytest.mark.gpu
+def test_a_gpu_predictor_agrees_with_the_cpu(seq_dir):
+    from pipelines.inference import Predictor
+
+    texts = ["the market fell sharply today", "a quiet day", "goals in the last minute won the cup"]
+    cpu = Predictor(seq_dir).classify(texts)
+    for dtype in ("fp32", "bf16", "fp16"):
+        gpu = Predictor(seq_dir, device="cuda", dtype=dtype)
+        assert next(gpu.model.parameters()).is_cuda
+        for x, y in zip(cpu, gpu.classify(texts)):
+            assert x["label"] == y["label"] and all(abs(x["probs"][k] - y["probs"][k]) < 0.03 for k in x["probs"])

@@ -29,6 +29,15 @@ def test_serve_config_rejects_what_ray_serve_would_accept_silently(tmp_path):
         ServeConfig(batching="dynamic")
     with pytest.raises(ConfigError, match="serve.quantize"):
         ServeConfig(quantize="int4")
+    with pytest.raises(ConfigError, match="serve.dtype fp16 needs a GPU"):
+        ServeConfig(dtype="fp16")  # CPU replicas
+    with pytest.raises(ConfigError, match="serve.quantize int8 is for fp32 CPU inference"):
+        ServeConfig(quantize="int8", num_gpus=1)
+    with pytest.raises(ConfigError, match="serve.dtype must be one of fp32, bf16, fp16"):
+        ServeConfig(dtype="float8")
+    gpu = ServeConfig(num_gpus=0.5, dtype="fp16")
+    assert (gpu.device, gpu.actor_options) == ("cuda", {"num_cpus": 1.0, "num_gpus": 0.5})
+    assert (ServeConfig().device, ServeConfig().actor_options) == ("cpu", {"num_cpus": 1.0})
     with pytest.raises(ConfigError, match="max_batch_tokens .64. < the model's max_seq_len .128."):
         ServeConfig(max_batch_tokens=64).check_model(128)
     toml = tmp_path / "serve.toml"
@@ -155,6 +164,8 @@ def test_the_serve_application_carries_the_settings(tmp_path, monkeypatch):
     assert (auto.min_replicas, auto.max_replicas, auto.upscale_delay_s) == (1, 3, 2)
     assert d._deployment_config.backpressure_config.status_code == 429
     assert application(folder, ServeConfig(min_replicas=2, max_replicas=2), None)._bound_deployment.num_replicas == 2
+    on_gpus = application(folder, ServeConfig(num_gpus=1, dtype="bf16"), None)._bound_deployment
+    assert on_gpus.ray_actor_options["num_gpus"] == 1 and on_gpus.init_args[1]["dtype"] == "bf16"
     monkeypatch.setenv("CLOZE_API_TOKEN", "s3cret")
     built = app_builder({"model_dir": folder, "batching": "count", "max_batch_size": 8})._bound_deployment
     assert built.init_args[0] == folder and built.init_args[1]["batching"] == "count"
