@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -233,7 +234,9 @@ def test_submitted_dag_survives_a_killed_train_worker_and_succeeds(cluster, work
     assert submit.returncode == 0, out[-4000:]
     assert "cloze submit: job cz-dag submitted to" in out
     assert "cloze submit: job cz-dag: SUCCEEDED" in out
-    assert "Connecting to existing Ray cluster at address: 127.0.0.1" in out  # ran on the cluster, not here
+    # ran on the cluster, not in a Ray of its own: the logs folder it names is the cluster's
+    logs = re.search(r"cloze run: Ray's logs \(workers, stages\): (\S+)", out)
+    assert logs and Path(logs.group(1)).resolve().is_relative_to((cluster.root / "ray").resolve()), out[-3000:]
     # the DAG keeps Ray's worker chatter out of the job's output: Ray Train's own lines are in
     # the cluster's session logs
     ray_logs = "\n".join(f.read_text(errors="replace") for f in (cluster.root / "ray").glob("session_2*/logs/**/*")
