@@ -126,7 +126,7 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=128)
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--work", default="/tmp/cloze-quality", help="run folders and exported models")
-    p.add_argument("--results", default="benchmarks/results/quality.jsonl")
+    p.add_argument("--results", default="benchmarks/quality.jsonl")
     args = p.parse_args()
     rows, columns = args.rows.split(","), args.columns.split(",")
     for c in columns:

@@ -72,12 +72,19 @@ def check_command(args: list[str], working_dir: Path) -> list[str]:
 
 
 def check_run_tables(raw: Mapping[str, Any]) -> None:
-    """The [data], [model] and [pretrain] tables of a run config, built into their stage
-    dataclasses without touching storage (ConfigError naming the key). Tables of stages
-    this module does not know are left to the DAG on the cluster."""
+    """Every table of a run config ([data], [model], [pretrain], [finetune], [score],
+    [serve]) built into its stage's dataclass without touching storage (ConfigError naming
+    the key); what needs storage (the corpus, labeled files, the score input) is checked by
+    the DAG on the cluster."""
+    from pipelines.dag import plan_finetune
     from pipelines.data.config import DataConfig
     from pipelines.pretrain import PretrainConfig
+    from pipelines.score_plan import ScoreConfig
+    from pipelines.serve_config import ServeConfig
 
+    unknown = sorted(set(raw) - {"data", "model", "pretrain", "finetune", "score", "serve"})
+    if unknown:
+        raise ConfigError(f"unknown config table [{unknown[0]}]")
     data = DataConfig.from_dict(raw.get("data", {}))
     table = PretrainConfig.table_from_raw(raw)
     for key in ("data", "tokenizer"):
@@ -85,7 +92,15 @@ def check_run_tables(raw: Mapping[str, Any]) -> None:
             raise ConfigError(f"pretrain.{key}: cloze run trains on its own data stage's output; drop this key")
     model = dict(table.get("model", {"preset": "tiny"}))
     model.setdefault("max_position_embeddings", max(512, data.max_seq_len))
-    PretrainConfig.from_dict({**table, "model": model, "data": data.output})
+    pre = PretrainConfig.from_dict({**table, "model": model, "data": data.output})
+    fine = plan_finetune(dict(raw), pre)
+    serve = ServeConfig.from_dict(raw.get("serve", {}))
+    if fine is not None:
+        serve.check_model(fine.max_seq_len)
+    if raw.get("score"):
+        if fine is None:
+            raise ConfigError("[score] scores with the fine-tuned model: the config needs a [finetune] table too")
+        ScoreConfig.from_dict({**raw["score"], "model": "(the finetune stage's model)", "output": "(storage)"})
 
 
 def _names_uri(value: Any) -> bool:

@@ -201,11 +201,14 @@ output already holds the same input+config hash is skipped, so a rerun after an 
 only what the edit touches. One line per stage: its status, time and headline figure.
 
 Without --config the bundled local profile (configs/local.toml: BBC News, tiny model,
-2 workers, ZeRO-2, bbc-topic fine-tuning) runs; overrides use the stage tables: --data.KEY,
+1 worker with 2 CPUs, ZeRO-0, bbc-topic fine-tuning) runs; overrides use the stage tables: --data.KEY,
 --model.KEY, --pretrain.KEY, --finetune.KEY, --serve.KEY. Each stage writes a folder named by its config
 hash (runs/data-<hash>, runs/pretrain-<hash>, runs/finetune-<hash>): a changed config never
 overwrites a finished run, and a killed run resumes from its last checkpoint when started
-again."""
+again. Each invocation also writes runs/run-<time>/: a log per stage (what the stage
+printed, and the traceback if it failed), run.json (each stage's status, time and folder)
+and report.html. A failing stage stops the DAG with one line naming the stage, the reason
+and its log (exit 1)."""
 
 
 FINETUNE_DESCRIPTION = """\
@@ -289,7 +292,7 @@ def cmd_evaluate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
 def cmd_run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from .data.corpus import InputError
-    from .dag import plan_run, run
+    from .dag import StageFailed, plan_run, run
 
     config = args.config or str(Path(__file__).resolve().parent.parent / "configs" / "local.toml")
     try:
@@ -300,6 +303,13 @@ def cmd_run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     except (ConfigError, InputError) as e:
         print(f"cloze run: error: {e}", file=sys.stderr)
         return 2
+    except StageFailed:  # its FAILED line (stage, reason, log) is already on the console
+        print("cloze run: finished stages are kept; fix the cause and run again to resume", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("cloze run: interrupted; finished stages are kept (a stage is only marked done once its output "
+              "is complete) and a rerun resumes from the last checkpoint", file=sys.stderr)
+        return 130
     return 0
 
 

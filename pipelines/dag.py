@@ -5,7 +5,8 @@ plain `.remote()` calls: a task that receives another task's ref waits for it, w
 the same dependency graph, scheduled by Ray, with no API on its way out.)
 
     data (Ray Data pairs) -> pretrain (Ray Train + DeepSpeed) -> finetune (the same core)
-         -> evaluate (test report) -> deploy (Ray Serve) -> request (one real HTTP request)
+         -> evaluate (test report) [-> score (Ray Data batch scoring of the [score] table's
+         input)] -> deploy (Ray Serve) -> request (one real HTTP request)
 
 Every stage is a Ray task with num_cpus=0, pinned to the driver's node (the head, under
 Ray Jobs): it only drives (Ray Data / Ray Train start their own workers), so a 2-CPU
@@ -30,11 +31,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .config import ConfigError, apply_overrides, load_toml
-from .stages import (answer_line, data_stage, deploy_stage, evaluate_stage, finetune_stage, pretrain_stage,
-                     sample_text, request)
+from .stages import (answer_line, data_stage, deploy_stage, evaluate_stage, finetune_stage, logged, pretrain_stage,
+                     request, sample_text, score_stage)
 
-STAGES = ("data", "pretrain", "finetune", "evaluate", "deploy", "request")
-DOWNSTREAM = ("finetune", "evaluate", "deploy", "request")  # need a [finetune] table
+STAGES = ("data", "pretrain", "finetune", "evaluate", "score", "deploy", "request")
+DOWNSTREAM = ("finetune", "evaluate", "score", "deploy", "request")  # need a [finetune] table
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,26 @@ class RunPlan:
     finetune: Any = None  # pipelines.finetune.FinetuneConfig (init wired to pretrain's model); None: no [finetune]
     until: str = STAGES[-1]  # the last stage run
     serve: Any = None  # pipelines.serve_config.ServeConfig of the deploy stage
+    score: dict | None = None  # the [score] table (model and output wired by the DAG); None: no score stage
 
     def stages(self) -> list[str]:
         last = STAGES.index(self.until)
-        return [s for s in STAGES[:last + 1] if s not in DOWNSTREAM or self.finetune is not None]
+        return [s for s in STAGES[:last + 1] if (s not in DOWNSTREAM or self.finetune is not None)
+                and (s != "score" or self.score is not None)]
+
+
+class StageFailed(RuntimeError):
+    """A stage of `cloze run` raised: the console already has its FAILED line (the stage,
+    the reason, its log); finished stages are kept and a rerun resumes."""
+
+
+def run_folder(storage_path: str) -> str:
+    """This invocation's record, `<storage_path>/run-<UTC time>`: a log per stage (local
+    storage), run.json (every stage's status, time and folder) and report.html."""
+    from datetime import datetime, timezone
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")[:-3]
+    return f"{storage_path.rstrip('/')}/run-{stamp}"
 
 
 def force_from(stage: str | None) -> tuple[str, ...]:
@@ -79,10 +96,10 @@ def plan_run(config_path: str | os.PathLike | None, overrides: Mapping[str, Any]
         value = raw.get(table, {}).get(key)
         if isinstance(value, str) and value and "://" not in value:
             raw[table][key] = str(Path(value).resolve())
-    unknown = sorted(set(raw) - {"data", "model", "pretrain", "finetune", "serve"})
+    unknown = sorted(set(raw) - {"data", "model", "pretrain", "finetune", "score", "serve"})
     if unknown:
         raise ConfigError(f"unknown config table [{unknown[0]}] (cloze run reads [data], [model], [pretrain], "
-                          f"[finetune], [serve])")
+                          f"[finetune], [score], [serve])")
     if until is not None and until not in STAGES:
         raise ConfigError(f"--until {until}: not a stage (choose from {', '.join(STAGES)})")
     data = DataConfig.from_dict(raw.get("data", {}))
@@ -103,19 +120,46 @@ def plan_run(config_path: str | os.PathLike | None, overrides: Mapping[str, Any]
     if pre.max_seq_len and pre.max_seq_len != data.max_seq_len:
         raise ConfigError(f"pretrain.max_seq_len = {pre.max_seq_len} disagrees with data.max_seq_len = "
                           f"{data.max_seq_len}: set it in [data] only")
-    fine = _plan_finetune(raw, pre)
+    fine = plan_finetune(raw, pre)
     if until in DOWNSTREAM and fine is None:
         raise ConfigError(f"--until {until}: the config has no [finetune] table")
+    score = _plan_score(raw, pre, fine)
+    if until == "score" and score is None:
+        raise ConfigError("--until score: the config has no [score] table")
     from .serve_config import ServeConfig
 
     serve_cfg = ServeConfig.from_dict(raw.get("serve", {}))
     if fine is not None:
         serve_cfg.check_model(fine.max_seq_len)
     return RunPlan(data=data, pretrain=pre, raw=raw, force=force_from("pretrain" if force is True else force),
-                   finetune=fine, until=until or STAGES[-1], serve=serve_cfg)
+                   finetune=fine, until=until or STAGES[-1], serve=serve_cfg, score=score)
 
 
-def _plan_finetune(raw: dict, pre) -> Any:
+def _plan_score(raw: dict, pre, fine) -> dict | None:
+    """The [score] table, checked (keys, values, the input's files) before Ray starts; its
+    model is the fine-tuned one and its output `<storage_path>/score-<hash>`."""
+    from .score_plan import ScoreConfig, list_inputs
+
+    table = dict(raw.get("score", {}))
+    if not table:
+        return None
+    if fine is None:
+        raise ConfigError("[score] scores with the fine-tuned model: the config needs a [finetune] table too")
+    for key in ("model", "output", "overwrite"):
+        if key in table:
+            raise ConfigError(f"score.{key}: cloze run scores with its own fine-tuned model into its storage "
+                              f"folder; drop this key")
+    if not table.get("input"):
+        raise ConfigError("score.input is required (a CSV / JSONL / Parquet file or folder to score)")
+    if "://" not in table["input"]:
+        table["input"] = str(Path(table["input"]).resolve())
+    table["output"] = f"{pre.storage_path.rstrip('/')}/score"
+    ScoreConfig.from_dict({**table, "model": "(the finetune stage's model)"})
+    list_inputs(table["input"], table.get("input_format", ""))
+    return table
+
+
+def plan_finetune(raw: dict, pre) -> Any:
     """The [finetune] table as a FinetuneConfig whose init is the pretrain stage's model (set
     when that stage has run); its run folders go beside pretraining's."""
     from .finetune import FinetuneConfig
@@ -135,8 +179,9 @@ def _plan_finetune(raw: dict, pre) -> Any:
                                      "shared_filesystem": pre.shared_filesystem})
 
 
-def launch_dag(plan: RunPlan) -> dict[str, Any]:
-    """Submit the planned stages, each waiting on the one before; returns their ObjectRefs."""
+def launch_dag(plan: RunPlan, logs: str | None = None) -> dict[str, Any]:
+    """Submit the planned stages, each waiting on the one before; returns their ObjectRefs.
+    `logs`: a local folder where each stage's output goes (`<stage>.log`)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -144,7 +189,9 @@ def launch_dag(plan: RunPlan) -> dict[str, Any]:
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
     def stage(fn):
-        return ray.remote(num_cpus=0, scheduling_strategy=here, max_retries=0)(fn)
+        name = fn.__name__.removesuffix("_stage")
+        return ray.remote(num_cpus=0, scheduling_strategy=here, max_retries=0)(
+            logged(fn, f"{logs}/{name}.log" if logs else None))
 
     stages = plan.stages()
     data_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(plan.data).items()}
@@ -157,8 +204,12 @@ def launch_dag(plan: RunPlan) -> dict[str, Any]:
                                                          "finetune" in plan.force)
     if "evaluate" in stages:
         refs["evaluate"] = stage(evaluate_stage).remote(refs["finetune"], "evaluate" in plan.force)
+    if "score" in stages:
+        refs["score"] = stage(score_stage).remote(plan.score, refs["finetune"], "score" in plan.force,
+                                                   refs.get("evaluate"))
     if "deploy" in stages:
-        refs["deploy"] = stage(deploy_stage).remote(refs["finetune"], plan.serve.to_dict(), refs.get("evaluate"))
+        refs["deploy"] = stage(deploy_stage).remote(refs["finetune"], plan.serve.to_dict(), refs.get("evaluate"),
+                                                     refs.get("score"))
     return refs
 
 
@@ -176,6 +227,9 @@ def _headline(name: str, out: dict) -> str:
         return f"best dev F1 {out['dev_f1']:.3f}" if out.get("dev_f1") is not None else ""
     if name == "deploy":
         return f"{out['url']} (Ray Serve app {out['app']!r})"
+    if name == "score":
+        return f"{out['rows']} rows scored ({out['errors']} with an error)" + (
+            f", {out['rows_per_s']:.0f} rows/s on {out['actors']} actor(s)" if not out.get("skipped") else "")
     if name == "evaluate":
         if "f1" not in out:
             return out.get("why", "")
@@ -198,8 +252,13 @@ def run(config_path: str | os.PathLike | None = None, overrides: Mapping[str, An
     env = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
     started = start_ray(log, "cloze run", runtime_env={"env_vars": env})
     logs = session_logs()
+    folder = run_folder(plan.pretrain.storage_path)
+    local = "://" not in folder
+    if local:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    log(f"cloze run: run folder {folder}" + (" (a log per stage, run.json, report.html)" if local else ""))
     t0 = time.perf_counter()
-    refs = launch_dag(plan)
+    refs = launch_dag(plan, folder if local else None)
     results: dict[str, dict] = {}
     timings: dict[str, dict] = {}
     for name, ref in refs.items():  # in DAG order: each line appears as its stage finishes
@@ -207,13 +266,22 @@ def run(config_path: str | os.PathLike | None = None, overrides: Mapping[str, An
             results[name] = out = _wait(ref, name, plan)
         except ray.exceptions.RayTaskError as e:
             cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else e
-            log(f"cloze run: {name:<9} FAILED: {type(cause).__name__}: {str(cause).splitlines()[0][:300]}"
-                + (f" (logs: {logs})" if logs else ""))
-            raise
+            where = [f"{folder}/{name}.log"] if local else []
+            where += [f"Ray's logs {logs}"] if logs else []
+            reason = f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:300]}"
+            log(f"cloze run: {name:<9} FAILED: {reason}" + (f" (log: {'; '.join(where)})" if where else ""))
+            _record(folder, plan, timings, results, failed=name)
+            for later in list(refs.values())[list(refs).index(name) + 1:]:  # they fail with it: collect
+                try:  # their errors here, or Ray prints each as an "unhandled error" on the console
+                    ray.get(later)
+                except ray.exceptions.RayError:
+                    pass
+            raise StageFailed(f"stage {name} failed: {reason}") from None
         elapsed = time.perf_counter() - t0
-        timings[name] = {"status": "cached" if out.get("skipped") else "done", "elapsed_s": round(elapsed, 1)}
+        state = "skipped" if out.get("not_run") else "cached" if out.get("skipped") else "done"
+        timings[name] = {"status": state, "elapsed_s": round(elapsed, 1)}
         where = "" if name == "deploy" else out.get("model_dir") or out.get("output") or ""
-        status = "cached" if out.get("skipped") else f"done in {elapsed:.0f} s"
+        status = f"done in {elapsed:.0f} s" if state == "done" else state
         if out.get("resumed"):
             status += " (resumed from its last checkpoint)"
         log(f"cloze run: {name:<9} {status:<12} {_headline(name, out)}" + (f"  {where}" if where else ""))
@@ -235,17 +303,16 @@ def run(config_path: str | os.PathLike | None = None, overrides: Mapping[str, An
             log("cloze run: not run: " + ", ".join(not_run))
         out = {**results.get("pretrain", {}), "data_dir": plan.data.output, "stages": timings}
         out.update({k: v for k, v in results.items() if k in DOWNSTREAM})
-        dest = (results.get("finetune") or results.get("pretrain") or {}).get("run_dir")
-        if dest:
+        _record(folder, plan, timings, results)
+        if results.get("pretrain"):
             from .report import write_report
 
-            quality = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "quality.jsonl"
-            out["report"] = write_report(out, dest, quality=str(quality))
+            out["report"] = write_report(out, folder, quality=str(QUALITY_RESULTS))
             log(f"cloze run: report    {out['report']}")
         if "deploy" in results:
             _serving(results, plan, keep_serving, log)
     finally:
-        if "deploy" in results and not keep_serving:
+        if "deploy" in results:  # (with --keep-serving: after Ctrl-C)
             from .serve import shutdown
 
             if started:  # our own Ray: stopping it stops Serve without Serve's shutdown chatter
@@ -253,6 +320,24 @@ def run(config_path: str | os.PathLike | None = None, overrides: Mapping[str, An
             else:
                 shutdown()
     return out
+
+
+# the learning-quality cells BENCHMARKS.md reports (benchmarks/quality.py appends to it)
+QUALITY_RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.jsonl"
+
+
+def _record(folder: str, plan: RunPlan, timings: dict, results: dict, failed: str | None = None) -> None:
+    """run.json in the run folder: each planned stage's status, time and output folder."""
+    from .storage import join_path, write_atomic
+
+    stages = {}
+    for name in plan.stages():
+        out = results.get(name) or {}
+        status = timings.get(name, {}).get("status") or ("failed" if name == failed else "not run")
+        stages[name] = {"status": status, "elapsed_s": timings.get(name, {}).get("elapsed_s"),
+                        "folder": out.get("run_dir") or out.get("output") or out.get("url")}
+    body = {"stages": stages, "failed": failed, "config": plan.raw}
+    write_atomic(join_path(folder, "run.json"), json.dumps(body, indent=2, default=str).encode())
 
 
 def _wait(ref, name: str, plan: RunPlan):

@@ -17,6 +17,9 @@ def evaluate_folder(model_dir: str, labeled, output: str | None = None) -> dict:
     from .labeled import LabeledDataError
 
     predictor = Predictor(model_dir)
+    if predictor.multi_label:
+        raise LabeledDataError(f"{model_dir} is a multi-label classifier; cloze evaluate scores single-label "
+                               f"sequence and token classifiers (serve or score it instead)")
     if predictor.kind != labeled.task:
         raise LabeledDataError(f"{model_dir} is a {predictor.kind} classifier; {labeled.source} is a {labeled.task} "
                                f"task")
@@ -32,10 +35,17 @@ def evaluate_folder(model_dir: str, labeled, output: str | None = None) -> dict:
     report = scores(labeled.task, list(labeled.labels), pred, predictor.labels)
     report.update(model=str(model_dir), data=labeled.source, examples=len(labeled), skipped=labeled.skipped)
     if output:
-        out = Path(output)
+        import tempfile
+
+        from .storage import is_uri, split_query, upload
+
+        out = Path(tempfile.mkdtemp(prefix="cloze-eval-")) if is_uri(output) else Path(output)
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval.json").write_text(json.dumps(report, indent=2))
-        (out / "report.md").write_text(report_markdown(report, f"{Path(model_dir).name} on {labeled.source}"))
+        name = Path(split_query(str(model_dir))[0].rstrip("/")).name
+        (out / "report.md").write_text(report_markdown(report, f"{name} on {labeled.source}"))
         if labeled.task == "sequence":
             confusion_png(report, predictor.labels, str(out / "confusion.png"))
+        if is_uri(output):  # shared storage: written here, then copied there
+            upload(str(out), output)
     return report

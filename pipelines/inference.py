@@ -20,6 +20,7 @@ the mean over every real token ([CLS] and [SEP] included, as sentence-transforme
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from dataclasses import dataclass
@@ -118,6 +119,12 @@ def pad_batch(input_ids: Sequence[np.ndarray], token_type_ids: Sequence[np.ndarr
             "attention_mask": (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()}
 
 
+def check_threshold(value: float) -> float:
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {value!r}")
+    return float(value)
+
+
 def stable_softmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float() - logits.float().amax(-1, keepdim=True), -1)
 
@@ -139,19 +146,25 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class Predictor:
-    """A classifier folder (cloze or HF `BertFor{Sequence,Token}Classification`) ready to predict."""
+    """A classifier folder (cloze or HF `BertFor{Sequence,Token}Classification`; local, or a
+    URI such as s3://... that each node copies once) ready to predict."""
 
     def __init__(self, folder: str, max_seq_len: int | None = None, batch_size: int = 32,
-                 quantize: str = "none", threads: int | None = None, device: str = "cpu", dtype: str = "fp32"):
+                 quantize: str = "none", threads: int | None = None, device: str = "cpu", dtype: str = "fp32",
+                 threshold: float = 0.5):
         """`quantize`: "none" or "int8" (see `quantize_int8`); `threads`: set torch's intra-op
         threads (process-wide) to this many, e.g. a Ray replica's CPUs; None leaves them.
         `device`: "cpu" or "cuda" (the process's current GPU); `dtype`: the weights' and
-        activations' type, fp32 | bf16 | fp16 (fp16: GPU only). Outputs are fp32 on the CPU."""
-        import json
-
+        activations' type, fp32 | bf16 | fp16 (fp16: GPU only). Outputs are fp32 on the CPU.
+        `threshold`: for a multi-label model (config.json `problem_type` is
+        `multi_label_classification`, as transformers writes it), a label applies when its
+        sigmoid probability is >= this."""
         from encoder.hf import load_pretrained
 
-        self.folder = str(folder)
+        from .storage import local_copy
+
+        self.source = str(folder)  # as given: a local folder or a URI on shared storage
+        folder = self.folder = local_copy(self.source)  # a URI's folder is copied to this node once
         info = Path(folder, "cloze.json")
         trained = json.loads(info.read_text()).get("metadata", {}).get("finetune_config", {}) if info.is_file() else {}
         check_inference(quantize, device, dtype)
@@ -162,6 +175,8 @@ class Predictor:
         if type(self.model).__name__ not in ("SequenceClassifier", "TokenClassifier"):
             raise ValueError(f"{folder} holds no sequence or token classifier")
         self.labels = [self.model.id2label[i] for i in range(self.model.num_labels)]
+        self.multi_label = self.kind == "sequence" and is_multi_label(folder)
+        self.threshold = check_threshold(threshold)
         self.quantize, self.device, self.dtype = quantize, torch.device(device), dtype
         if quantize == "int8":
             self.model = quantize_int8(self.model)
@@ -198,15 +213,23 @@ class Predictor:
         enc = self.encode(texts, texts_b)
         return self.classify_rows(self.logits(enc), enc.truncated)
 
-    def classify_rows(self, rows: Sequence[torch.Tensor], truncated: Sequence[bool]) -> list[dict]:
-        """Sequence logits -> label, score, probs (label -> probability), truncated."""
+    def classify_rows(self, rows: Sequence[torch.Tensor], truncated: Sequence[bool],
+                      threshold: float | None = None) -> list[dict]:
+        """Sequence logits -> label, score, probs (label -> probability), truncated. A
+        multi-label model's probs are independent sigmoids, and `labels` lists those >=
+        the threshold (this call's, else the Predictor's), most probable first; `label` /
+        `score` are its most probable label either way."""
+        threshold = self.threshold if threshold is None else check_threshold(threshold)
         results = []
         for row, cut in zip(rows, truncated):
-            probs = stable_softmax(row)
+            probs = torch.sigmoid(row.float()) if self.multi_label else stable_softmax(row)
             best = int(probs.argmax())
-            results.append({"label": self.labels[best], "score": float(probs[best]),
-                            "probs": {lab: float(p) for lab, p in zip(self.labels, probs.tolist())},
-                            "truncated": cut})
+            out = {"label": self.labels[best], "score": float(probs[best]),
+                   "probs": {lab: float(p) for lab, p in zip(self.labels, probs.tolist())}, "truncated": cut}
+            if self.multi_label:
+                order = sorted(range(len(self.labels)), key=lambda i: -float(probs[i]))
+                out["labels"] = [self.labels[i] for i in order if float(probs[i]) >= threshold]
+            results.append(out)
         return results
 
     def encode_texts_as_words(self, texts: Sequence[str]) -> tuple[Encoded, list[tuple[list[str], list]]]:
@@ -274,10 +297,15 @@ class Predictor:
 
 def folder_kind(folder: str) -> str | None:
     """"sequence" / "token" for a classifier folder, None otherwise (no weights read)."""
-    import json
 
     cfg = Path(folder) / "config.json"
     if not cfg.is_file():
         return None
     arch = (json.loads(cfg.read_text()).get("architectures") or [""])[0]
     return {"BertForSequenceClassification": "sequence", "BertForTokenClassification": "token"}.get(arch)
+
+
+def is_multi_label(folder: str) -> bool:
+    """Whether config.json marks a multi-label classifier (transformers' `problem_type`)."""
+    cfg = Path(folder) / "config.json"
+    return cfg.is_file() and json.loads(cfg.read_text()).get("problem_type") == "multi_label_classification"

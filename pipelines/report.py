@@ -9,7 +9,7 @@ and no network reference. Every text that comes from a file or a config is escap
 
 Sources: metrics.csv / eval.csv of the training stages (`read_metrics`, local or URI),
 memory.json, the evaluate stage's eval.json + confusion.png, the data manifest, and
-optionally the learning-quality results (benchmarks/results/quality.jsonl).
+optionally the learning-quality results (benchmarks/quality.jsonl, committed: the cells BENCHMARKS.md reports).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, Iterable
 from .storage import is_uri, join_path, read_bytes, write_atomic
 from .train.metrics import best_eval, read_metrics
 
-STAGES = ("data", "pretrain", "finetune", "evaluate", "deploy", "request")  # as pipelines.dag
+STAGES = ("data", "pretrain", "finetune", "evaluate", "score", "deploy", "request")  # as pipelines.dag
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 SKIP_COLUMNS = {"step", "time", "epoch", "batch_index"}  # bookkeeping, not results
 MAX_POINTS = 600  # longer series are thinned evenly (the last point kept): the page stays small
@@ -227,6 +227,8 @@ def _headline(name: str, out: dict) -> str:
         return f"test entity F1 {out['f1']:.3f}" if "f1" in out else out.get("why", "")
     if name == "deploy":
         return f"{out.get('url', '')} (Ray Serve app {out.get('app', '')!r})"
+    if name == "score":
+        return f"{_num(out.get('rows', 0))} rows scored ({_num(out.get('errors', 0))} with an error)"
     answer = out.get("answer", {})
     first = (answer.get("results") or [answer])[0] if isinstance(answer, dict) else {}
     said = f"label: {first['label']}" if "label" in first else json.dumps(answer)[:80]

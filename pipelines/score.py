@@ -57,11 +57,13 @@ class Scorer:
     plus the prediction columns (and which worker scored it) out. Runs without Ray too."""
 
     def __init__(self, model: str, plan: Plan, prefix: str = "", batch_size: int = 32, max_seq_len: int = 0,
-                 quantize: str = "none", threads: int | None = None, device: str = "cpu", dtype: str = "fp32"):
+                 quantize: str = "none", threads: int | None = None, device: str = "cpu", dtype: str = "fp32",
+                 threshold: float = 0.5):
         from .inference import Predictor
 
         self.predictor = Predictor(model, max_seq_len=max_seq_len or None, batch_size=batch_size,
-                                   quantize=quantize, threads=threads, device=device, dtype=dtype)
+                                   quantize=quantize, threads=threads, device=device, dtype=dtype,
+                                   threshold=threshold)
         self.plan, self.prefix = plan, prefix
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -72,7 +74,7 @@ class Scorer:
                   for c in (self.plan.text, self.plan.text_b, self.plan.words) if c}
         rows = (self._classify if self.plan.kind == "sequence" else self._tag)(values, table.num_rows)
         types = {"score": pa.float64(), "truncated": pa.bool_()}
-        for name in SEQUENCE_COLUMNS if self.plan.kind == "sequence" else TOKEN_COLUMNS:
+        for name in self.plan.columns:
             table = table.append_column(self.prefix + name, pa.array([r[name] for r in rows], types.get(name, pa.string())))
         return table.append_column(WORKER, pa.array([self.worker] * table.num_rows, pa.string()))
 
@@ -92,9 +94,11 @@ class Scorer:
                   for i in range(n)]
         ok = [i for i in range(n) if errors[i] is None]
         enc = self.predictor.encode([a[i] for i in ok], [b[i] for i in ok] if b is not None else None)
-        rows = [dict.fromkeys(SEQUENCE_COLUMNS) | {"error": e} for e in errors]
+        rows = [dict.fromkeys(self.plan.columns) | {"error": e} for e in errors]
         for i, r in zip(ok, self.predictor.classify_rows(self._logits(enc), enc.truncated)):
             rows[i].update(r, probs=json.dumps(r["probs"]))
+            if "labels" in r:
+                rows[i]["labels"] = json.dumps(r["labels"])
         return rows
 
     def _tag(self, values: dict, n: int) -> list[dict]:
@@ -281,10 +285,11 @@ def score(config: ScoreConfig, log=print, found: Plan | None = None) -> dict:
         ds = ds.map_batches(
             Scorer, batch_format="pyarrow", batch_size=config.rows_per_block, num_cpus=config.cpus_per_actor,
             **({"num_gpus": config.gpus_per_actor} if config.gpus_per_actor else {}), compute=ray.data.ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
-            fn_constructor_kwargs=dict(model=os.path.abspath(config.model), plan=found, prefix=config.prefix,
+            fn_constructor_kwargs=dict(model=config.model if is_uri(config.model) else os.path.abspath(config.model),
+                                       plan=found, prefix=config.prefix,
                                        batch_size=config.batch_size, max_seq_len=config.max_seq_len,
                                        quantize=config.quantize, threads=max(1, int(config.cpus_per_actor)),
-                                       device=config.device, dtype=config.dtype))
+                                       device=config.device, dtype=config.dtype, threshold=config.threshold))
         out_fs, tmp_root = filesystem(staging.tmp)
         sink = _sink_class()(tmp_root, fmt=found.output_format, filesystem=out_fs, json_columns=json_columns,
                              error_column=config.prefix + "error", min_rows_per_file=config.rows_per_file)
@@ -292,7 +297,7 @@ def score(config: ScoreConfig, log=print, found: Plan | None = None) -> dict:
         seconds = time.perf_counter() - t0
         totals = sink.totals or {"rows": 0, "errors": 0, "workers": {}}
         manifest = {**totals, "actors": len(totals["workers"]), "seconds": round(seconds, 3),
-                    "rows_per_s": round(totals["rows"] / seconds, 1), "kind": found.kind, "format": found.format,
+                    "rows_per_s": round(totals["rows"] / seconds, 1), "kind": found.kind, "multi_label": found.multi_label, "format": found.format,
                     "output_format": found.output_format, "input_files": len(found.files), "columns_added": added,
                     "json_columns": json_columns, "read": {"text": found.text, "text_b": found.text_b,
                                                            "words": found.words},
@@ -316,8 +321,9 @@ and digits, each punctuation mark alone); span offsets are characters of `text` 
 tokens joined by one space for `tokens` input).
 
 Output (a folder of part files + manifest.json, in --score.output_format, default the
-input's): every input column, plus label, score, probs, truncated, error (sequence) or
-tags, spans, truncated, error (token). probs / tags / spans are JSON text in CSV and
+input's): every input column, plus label, score, probs, truncated, error (sequence;
+multi-label models add `labels`, those with probability >= --score.threshold) or tags,
+spans, truncated, error (token). probs / labels / tags / spans are JSON text in CSV and
 Parquet, JSON values in JSONL. A row with missing, null or blank text gets its reason in
 `error` and null predictions; the manifest counts rows, error rows and rows per actor.
 The output is written under a temporary name and published complete; an existing output

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .config import ConfigError, apply_overrides, build_dataclass, check_inference, load_toml
-from .storage import filesystem, is_uri
+from .storage import filesystem, is_uri, local_copy
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 SEQUENCE_COLUMNS = ("label", "score", "probs", "truncated", "error")
+MULTI_LABEL_COLUMNS = ("label", "labels", "score", "probs", "truncated", "error")  # labels: those >= threshold
 TOKEN_COLUMNS = ("tags", "spans", "truncated", "error")
-JSON_COLUMNS = ("probs", "tags", "spans")  # JSON text in CSV / Parquet, JSON values in JSONL
+JSON_COLUMNS = ("labels", "probs", "tags", "spans")  # JSON text in CSV / Parquet, JSON values in JSONL
 WORKER = "__cloze_worker"  # which actor scored a row: counted by the writer, never written
 MARKER = "manifest.json"
 
@@ -43,6 +44,7 @@ class ScoreConfig:
     quantize: str = "none"  # none | int8 (dynamic int8 quantization of the Linear layers)
     gpus_per_actor: float = 0.0  # GPUs per actor (0.5: two actors share one); 0 = CPU actors
     dtype: str = "fp32"  # fp32 | bf16 | fp16 (fp16: GPU actors only); outputs are fp32 either way
+    threshold: float = 0.5  # multi-label models: a row's `labels` are those with probability >= this
     max_seq_len: int = 0  # tokens per row; 0 = the length the model was fine-tuned at
     preserve_order: bool = True  # output files and rows in input order (part-00000 first)
     overwrite: bool = False  # replace an existing output (it is replaced only once the new one is complete)
@@ -64,6 +66,7 @@ class ScoreConfig:
             ("max_actors", self.max_actors >= self.min_actors, "must be >= min_actors"),
             ("cpus_per_actor", self.cpus_per_actor > 0, "must be > 0"),
             ("gpus_per_actor", 0 <= self.gpus_per_actor <= 64, "must be in [0, 64]"),
+            ("threshold", 0 <= self.threshold <= 1, "must be in [0, 1]"),
             ("max_seq_len", self.max_seq_len == 0 or 8 <= self.max_seq_len <= 8192, "must be 0 or in [8, 8192]"),
         ]
         for key, ok, why in checks:
@@ -76,11 +79,15 @@ class ScoreConfig:
         return "cuda" if self.gpus_per_actor > 0 else "cpu"
 
     @classmethod
+    def from_dict(cls, table: Mapping[str, Any]) -> "ScoreConfig":
+        return build_dataclass(cls, dict(table), "score.")
+
+    @classmethod
     def from_toml(cls, path, overrides: Mapping[str, Any] | None = None) -> "ScoreConfig":
         raw = load_toml(path) if path else {}
         if overrides:
             raw = apply_overrides(raw, overrides)
-        return build_dataclass(cls, dict(raw.get("score", {})), "score.")
+        return cls.from_dict(raw.get("score", {}))
 
 
 # ------------------------------------------------------------------ before Ray: what to read
@@ -97,13 +104,20 @@ class Plan:
     text: str  # the text column ("" for token rows read from `words`)
     text_b: str  # the pair's second column, or ""
     words: str  # token classifiers: the list-of-words column, or ""
+    multi_label: bool = False  # a multi-label sequence classifier (sigmoid per label)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The prediction columns, unprefixed."""
+        if self.kind == "token":
+            return TOKEN_COLUMNS
+        return MULTI_LABEL_COLUMNS if self.multi_label else SEQUENCE_COLUMNS
 
     def added(self, prefix: str, only=None) -> list[str]:
-        names = SEQUENCE_COLUMNS if self.kind == "sequence" else TOKEN_COLUMNS
-        return [prefix + c for c in names if only is None or c in only]
+        return [prefix + c for c in self.columns if only is None or c in only]
 
 
-def _list_files(path: str, fmt: str) -> tuple[str, list[str]]:
+def list_inputs(path: str, fmt: str) -> tuple[str, list[str]]:
     """(format, files) of a file or a folder of files of one format; ConfigError otherwise."""
     import pyarrow as pa
     import pyarrow.fs as pafs
@@ -196,20 +210,25 @@ def plan(config: ScoreConfig) -> Plan:
     import pyarrow as pa
     import pyarrow.fs as pafs
 
-    from .inference import folder_kind
+    from .inference import folder_kind, is_multi_label
 
-    kind = folder_kind(config.model) if not is_uri(config.model) else None
+    try:  # a URI's folder is copied to this node once (each actor's node copies its own)
+        model = local_copy(config.model)
+    except FileNotFoundError as e:
+        raise ConfigError(f"model {e}") from None
+    kind = folder_kind(model)
     if kind is None:
-        raise ConfigError(f"model {config.model}: not a classifier folder (a local folder whose config.json names "
-                          f"BertForSequenceClassification or BertForTokenClassification)")
-    limit = json.loads(Path(config.model, "config.json").read_text()).get("max_position_embeddings", 512)
+        raise ConfigError(f"model {config.model}: not a classifier folder (its config.json names neither "
+                          f"BertForSequenceClassification nor BertForTokenClassification)")
+    limit = json.loads(Path(model, "config.json").read_text()).get("max_position_embeddings", 512)
+    multi_label = kind == "sequence" and is_multi_label(model)
     if config.max_seq_len > limit:
         raise ConfigError(f"max_seq_len {config.max_seq_len} is past the model's {limit} positions")
     where = [p.split("?")[0].rstrip("/") if is_uri(p) else os.path.abspath(p) for p in (config.input, config.output)]
     local = not any(map(is_uri, where))
     if (os.path.commonpath(where) in where) if local else where[0] == where[1]:  # one holds the other
         raise ConfigError(f"output {config.output} and input {config.input} overlap: write the output elsewhere")
-    fmt, files = _list_files(config.input, config.input_format)
+    fmt, files = list_inputs(config.input, config.input_format)
     fs, _ = filesystem(config.input)
     types = _columns(fs, files[0], fmt)
     text, text_b, words = _text_columns(config, kind, types, files[0])
@@ -217,7 +236,7 @@ def plan(config: ScoreConfig) -> Plan:
         lacking = [c for c in (text, text_b, words) if c and c not in _columns(fs, other, fmt)]
         if lacking:
             raise ConfigError(f"input {other}: no column {lacking[0]!r} (the first file, {files[0]}, has it)")
-    out = Plan(kind, fmt, config.output_format or fmt, tuple(files), text, text_b, words)
+    out = Plan(kind, fmt, config.output_format or fmt, tuple(files), text, text_b, words, multi_label)
     taken = sorted(set(out.added(config.prefix)) & set(types))
     if taken:
         raise ConfigError(f"input already has column(s) {', '.join(map(repr, taken))}: set score.prefix "

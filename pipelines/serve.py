@@ -54,11 +54,19 @@ def state_file(port: int) -> Path:
 
 
 def check_model(model_dir: str, cfg: ServeConfig) -> str:
-    """The folder's absolute path, after loading it once here (a bad folder or a setting the
-    model cannot take fails before Ray or a replica starts)."""
+    """The folder's absolute path (a URI as it is), after loading it once here (a bad folder
+    or a setting the model cannot take fails before Ray or a replica starts)."""
     from .inference import Predictor, folder_kind
 
-    folder = Path(model_dir).expanduser().resolve()
+    from .storage import is_uri, local_copy
+
+    if is_uri(model_dir):  # replicas copy it to their own node; check a copy on this one
+        try:
+            folder = Path(local_copy(model_dir))
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
+    else:
+        folder = Path(model_dir).expanduser().resolve()
     if folder_kind(str(folder)) is None:
         raise ConfigError(f"{model_dir}: not a classifier folder (config.json with "
                           f"BertForSequenceClassification / BertForTokenClassification)")
@@ -70,7 +78,7 @@ def check_model(model_dir: str, cfg: ServeConfig) -> str:
         raise ConfigError(f"serve.max_seq_len {pred.max_seq_len} > the model's max_position_embeddings "
                           f"{pred.model.config.max_position_embeddings}")
     cfg.check_model(pred.max_seq_len)
-    return str(folder)
+    return model_dir if is_uri(model_dir) else str(folder)
 
 
 def application(model_dir: str, cfg: ServeConfig, auth_digest: str | None):
@@ -218,14 +226,15 @@ def _serve_forever(args: argparse.Namespace, cfg: ServeConfig) -> int:
         _check_port(cfg.host, cfg.port)
     stop = threading.Event()
     url = deploy(args.model_dir, cfg, address=args.address)  # checks the folder before Ray starts
-    folder = str(Path(args.model_dir).expanduser().resolve())
+    folder = args.model_dir if "://" in args.model_dir else str(Path(args.model_dir).expanduser().resolve())
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM handler
         signal.signal(sig, lambda *_: stop.set())
     state = state_file(cfg.port)
     state.write_text(json.dumps({"address": ray.get_runtime_context().gcs_address, "name": cfg.name,
                                  "pid": os.getpid(), "url": url, "auth_mode": os.environ.get("RAY_AUTH_MODE")}))
     auth = " (bearer token from CLOZE_API_TOKEN required)" if os.environ.get("CLOZE_API_TOKEN") else ""
-    print(f"cloze serve: {Path(folder).name} at {url}{auth}; docs {url}/docs; Ctrl-C stops", flush=True)
+    print(f"cloze serve: {Path(folder.split('?')[0].rstrip('/')).name} at {url}{auth}; docs {url}/docs; "
+          f"Ctrl-C stops", flush=True)
     print(f"cloze serve: swap the model with: cloze serve --model NEW_DIR --port {cfg.port}", flush=True)
     try:
         while not stop.wait(0.5):

@@ -22,6 +22,7 @@ import torch
 from .inference import Encoded, Predictor
 from .serve_batching import Item, adapt_batch_queue, batch_cost
 from .serve_config import ServeConfig
+from .storage import split_query
 
 ROUTES = ("/v1/classify", "/v1/entities", "/v1/embed", "/v1/embeddings", "/v1/model", "/healthz", "/metrics",
           "/openapi.json", "/docs")
@@ -61,22 +62,27 @@ class Replica:
     def __init__(self, model_dir: str, config: dict, auth_digest: str | None = None):
         from ray import serve
 
-        from .serve_metrics import ReplicaMetrics
+        from .serve_metrics import ReplicaMetrics, SharedMetrics
 
         self.cfg = ServeConfig.from_dict(config)
         self.model_dir, self.auth_digest = str(model_dir), auth_digest
         self.predictor = Predictor(self.model_dir, max_seq_len=self.cfg.max_seq_len or None,
                                    batch_size=self.cfg.max_batch_size, quantize=self.cfg.quantize,
-                                   threads=self.cfg.threads, device=self.cfg.device, dtype=self.cfg.dtype)
-        self.name = Path(self.model_dir).name
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
+                                   threads=self.cfg.threads, device=self.cfg.device, dtype=self.cfg.dtype,
+                                   threshold=self.cfg.threshold)
+        self.name = Path(split_query(self.model_dir)[0].rstrip("/")).name
+        context = serve.get_replica_context()
+        self.replica_id = context.replica_id.unique_id
         self.metrics = ReplicaMetrics(self.replica_id, self.name)
+        self.shared_metrics = SharedMetrics(self.metrics, context.app_name, self.cfg.metrics_interval_s)
         self.info = {"name": self.name, "task": self.predictor.kind, "labels": self.predictor.labels,
+                     "multi_label": self.predictor.multi_label,
+                     **({"threshold": self.cfg.threshold} if self.predictor.multi_label else {}),
                      "max_seq_len": self.predictor.max_seq_len,
                      "hidden_size": self.predictor.model.config.hidden_size,
                      "quantize": self.cfg.quantize, "dtype": self.cfg.dtype, "device": self.cfg.device,
                      "pooling": self.cfg.pooling, "batching": self.cfg.batching,
-                     "provenance": provenance(self.model_dir),
+                     "provenance": provenance(self.predictor.folder),  # (a URI's local copy)
                      "limits": {k: getattr(self.cfg, k) for k in (
                          "max_texts_per_request", "max_chars_per_text", "max_body_bytes", "max_batch_size",
                          "max_batch_tokens", "max_ongoing_requests", "max_queued_requests")}}
@@ -90,6 +96,11 @@ class Replica:
             cap = self.cfg.max_batch_tokens if size_fn else self.cfg.max_batch_size
             self._batched = serve.batch(max_batch_size=cap, batch_wait_timeout_s=self.cfg.batch_wait_timeout_s,
                                         batch_size_fn=size_fn)(self._timed_forward)
+
+    def __del__(self):  # Ray Serve calls it when it stops the replica on purpose
+        shared = getattr(self, "shared_metrics", None)
+        if shared is not None:
+            shared.stop()
 
     def __serve_build_asgi_app__(self):
         from .serve_schema import build_api
@@ -173,8 +184,12 @@ class Replica:
                    "x-compute-tokens": str(sum(len(x) for x in enc.input_ids))}
         return rows, headers
 
-    async def classify(self, texts: list[str] | None, pairs: list[tuple[str, str]] | None):
+    async def classify(self, texts: list[str] | None, pairs: list[tuple[str, str]] | None,
+                       threshold: float | None = None):
         self.need("sequence", "/v1/classify")
+        if threshold is not None and not self.predictor.multi_label:
+            raise ApiError(422, f"threshold: this model ({self.name}) is single-label (softmax); threshold applies "
+                                f"to multi-label models", "validation")
         a = texts if texts is not None else [p[0] for p in pairs]
         b = None if texts is not None else [p[1] for p in pairs]
         self.check_texts(a, "texts" if texts is not None else "pairs")
@@ -183,7 +198,7 @@ class Replica:
         t0 = time.perf_counter()
         enc = self.predictor.encode(a, b)
         rows, headers = await self._run("/v1/classify", "logits", enc, time.perf_counter() - t0)
-        return {"model": self.name, "results": self.predictor.classify_rows(rows, enc.truncated)}, headers
+        return {"model": self.name, "results": self.predictor.classify_rows(rows, enc.truncated, threshold)}, headers
 
     async def entities(self, texts: list[str]):
         self.need("token", "/v1/entities")

@@ -33,7 +33,7 @@ class ServeConfig:
     target_ongoing_requests: float = 16.0  # autoscaling adds replicas when the mean per replica is above this
     upscale_delay_s: float = 5.0  # load must stay above target this long before a replica is added
     downscale_delay_s: float = 30.0  # and below it this long before one is removed
-    metrics_interval_s: float = 1.0  # how often replicas report their load to the autoscaler
+    metrics_interval_s: float = 1.0  # how often replicas report their load to the autoscaler and their /metrics to each other
     look_back_period_s: float = 5.0  # the window the autoscaler averages load over
     num_cpus: float = 1.0  # CPUs reserved per replica; torch threads = max(1, floor(num_cpus))
     max_texts_per_request: int = 32  # texts in one request; more is a 413
@@ -43,6 +43,7 @@ class ServeConfig:
     quantize: str = "none"  # none | int8 (dynamic int8 Linear layers, CPU)
     num_gpus: float = 0.0  # GPUs per replica (e.g. 1, or 0.5 to pack two replicas on a GPU); 0 = CPU replicas
     dtype: str = "fp32"  # fp32 | bf16 | fp16 (fp16: GPU replicas only); outputs are fp32 either way
+    threshold: float = 0.5  # multi-label models: /v1/classify's `labels` are those with probability >= this (a request may set its own)
     pooling: str = "mean"  # /v1/embed and /v1/embeddings default: cls (h_cls) | mean (mean over real tokens)
     request_timeout_s: float = 30.0  # the proxy answers 408 after this long
     graceful_shutdown_timeout_s: float = 20.0  # a replica being replaced finishes its requests within this
@@ -74,6 +75,7 @@ class ServeConfig:
             ("max_seq_len", self.max_seq_len == 0 or 8 <= self.max_seq_len <= 8192, "must be 0 or in [8, 8192]"),
             ("num_gpus", 0 <= self.num_gpus <= 64, "must be in [0, 64]"),
             ("pooling", self.pooling in ("cls", "mean"), "must be cls or mean"),
+            ("threshold", 0 <= self.threshold <= 1, "must be in [0, 1]"),
             ("request_timeout_s", self.request_timeout_s > 0, "must be > 0"),
             ("graceful_shutdown_timeout_s", self.graceful_shutdown_timeout_s >= 0, "must be >= 0"),
         ]

@@ -1,12 +1,18 @@
-"""Prometheus metrics of one serving replica (`GET /metrics`, text format 0.0.4).
+"""Prometheus metrics of a serving deployment (`GET /metrics`, text format 0.0.4).
 
-Each replica keeps its own registry and labels every series with its replica id: with
-several replicas a scrape through the proxy reaches one of them, so a Prometheus that
-scrapes them all (or sums by route) sees the whole deployment; the load tests read one.
-Times are seconds, as Prometheus wants them; sizes are texts and real (unpadded) tokens.
+Each replica keeps its own registry and labels every series with its replica id. A scrape
+through the proxy reaches one replica, so replicas share their metrics through a small
+hub actor (`SharedMetrics`): whichever replica answers, the scrape holds every live
+replica's series, and `sum by (route, status) (cloze_requests_total)` counts the whole
+deployment. Times are seconds, as Prometheus wants them; sizes are texts and real
+(unpadded) tokens.
 """
 
 from __future__ import annotations
+
+import threading
+import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -58,3 +64,113 @@ class ReplicaMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# --------------------------------------------------------------------------- one /metrics for the deployment
+
+def merge(texts: list[str]) -> bytes:
+    """Prometheus texts of several replicas -> one text: each family once (its HELP and TYPE),
+    with every replica's samples (they differ by their `replica` label)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[tuple[str, str], Any] = {}
+    for text in texts:
+        for fam in text_string_to_metric_families(text):
+            key = (fam.name, fam.type)
+            if key in families:
+                families[key].samples.extend(fam.samples)
+            else:
+                families[key] = fam
+
+    class Merged:
+        def collect(self):
+            return list(families.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Merged())
+    return generate_latest(registry)
+
+
+class MetricsHub:
+    """The latest Prometheus text of each replica of one application (a Ray actor with no
+    CPUs, named after the application). It is owned by the replica that created it, so it
+    goes away with the application; if that replica dies first the next push makes a new
+    one, and within one push interval it knows every live replica again."""
+
+    def __init__(self):
+        self.latest: dict[str, tuple[float, str]] = {}
+
+    def push(self, replica: str, text: str) -> None:
+        self.latest[replica] = (time.monotonic(), text)
+
+    def drop(self, replica: str) -> None:
+        self.latest.pop(replica, None)
+
+    def others(self, replica: str, max_age_s: float) -> list[str]:
+        """Every other replica's text, forgetting replicas silent for max_age_s (gone)."""
+        now = time.monotonic()
+        self.latest = {k: v for k, v in self.latest.items() if now - v[0] <= max_age_s}
+        return [text for k, (_, text) in sorted(self.latest.items()) if k != replica]
+
+
+class SharedMetrics:
+    """A replica's side of the hub: a daemon thread pushes this replica's metrics every
+    `interval_s`; `render` answers a scrape with this replica's live metrics merged with
+    the others' latest, so any replica the proxy picks answers for the whole deployment.
+    A replica silent for 5 intervals (at least 10 s) is taken as gone and its series drop
+    out, as a pod's do when Prometheus stops finding it. If the hub cannot be reached
+    within `timeout_s`, the scrape answers with this replica's metrics alone."""
+
+    def __init__(self, metrics: ReplicaMetrics, app: str, interval_s: float, timeout_s: float = 2.0):
+        self.metrics, self.interval_s, self.timeout_s = metrics, interval_s, timeout_s
+        self.name = f"cloze-metrics-{app}"
+        self.max_age_s = max(5 * interval_s, 10.0)
+        self._hub = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="cloze-metrics-push", daemon=True)
+        self._thread.start()
+
+    def hub(self, fresh: bool = False):
+        import ray
+
+        if self._hub is None or fresh:
+            self._hub = ray.remote(num_cpus=0)(MetricsHub).options(name=self.name, get_if_exists=True).remote()
+        return self._hub
+
+    def push(self) -> None:
+        import ray
+
+        text = self.metrics.render().decode()
+        try:
+            ray.get(self.hub().push.remote(self.metrics.replica, text), timeout=self.timeout_s)
+        except ray.exceptions.RayActorError:  # its owner (another replica) is gone: start a new hub
+            ray.get(self.hub(fresh=True).push.remote(self.metrics.replica, text), timeout=self.timeout_s)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.push()
+            except Exception:  # a slow or restarting hub: try again next interval, serving goes on
+                pass
+            self._stop.wait(self.interval_s)
+
+    async def render(self) -> bytes:
+        import asyncio
+
+        own = self.metrics.render()
+        try:
+            others = await asyncio.wait_for(
+                asyncio.wrap_future(self.hub().others.remote(self.metrics.replica, self.max_age_s).future()),
+                self.timeout_s)
+        except Exception:
+            return own
+        return merge([own.decode(), *others]) if others else own
+
+    def stop(self) -> None:
+        """Stop pushing and take this replica's series out (a replica shut down on purpose)."""
+        self._stop.set()
+        try:
+            if self._hub is not None:
+                self._hub.drop.remote(self.metrics.replica)
+        except Exception:
+            pass

@@ -29,6 +29,8 @@ class ClassifyRequest(Strict):
     texts: list[str] | None = Field(None, min_length=1, description=TEXTS_HELP)
     pairs: list[tuple[str, str]] | None = Field(None, min_length=1,
                                                 description="text pairs ([CLS] a [SEP] b [SEP]), instead of texts")
+    threshold: float | None = Field(None, ge=0, le=1, description="multi-label models only: `labels` are those "
+                                                                  "with probability >= this (default: the server's)")
 
     @model_validator(mode="after")
     def one_input(self):
@@ -57,9 +59,12 @@ class OpenAIEmbeddingsRequest(Strict):
 
 
 class Prediction(BaseModel):
-    label: str
-    score: float
-    probs: dict[str, float]
+    label: str = Field(description="the most probable label")
+    score: float = Field(description="its probability")
+    probs: dict[str, float] = Field(description="label -> probability (softmax; independent sigmoids for a "
+                                                "multi-label model)")
+    labels: list[str] | None = Field(None, description="multi-label models only: the labels with probability >= "
+                                                       "the threshold, most probable first (may be empty)")
     truncated: bool
 
 
@@ -164,7 +169,7 @@ def build_api(replica):
     @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS,
               summary="label, score and probabilities per text (sequence classifiers)")
     async def classify(body: ClassifyRequest):
-        return answer(*await replica.classify(body.texts, body.pairs))
+        return answer(*await replica.classify(body.texts, body.pairs, body.threshold))
 
     @app.post("/v1/entities", response_model=EntitiesResponse, responses=ERRORS,
               summary="typed entity spans with character offsets, and per-word tags (token classifiers)")
@@ -192,9 +197,9 @@ def build_api(replica):
     async def healthz():
         return JSONResponse({"status": "ok", "model": replica.name, "replica": replica.replica_id})
 
-    @app.get("/metrics", summary="Prometheus metrics of the answering replica")
+    @app.get("/metrics", summary="Prometheus metrics of every live replica (series labelled by replica)")
     async def metrics():
-        return Response(replica.metrics.render(), media_type=replica.metrics.content_type)
+        return Response(await replica.shared_metrics.render(), media_type=replica.metrics.content_type)
 
     def on_response(path: str, status: int, seconds: float) -> None:
         replica.metrics.request(path if path in ROUTES else "other", status, seconds)

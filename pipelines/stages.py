@@ -16,6 +16,38 @@ NOT_HASHED = ("name", "storage_path", "shared_filesystem", "log_every", "report_
               "keep_checkpoints", "max_failures", "prefetch_batches", "cpus_per_worker")
 
 
+def logged(fn, path: str | None):
+    """`fn` with its process's stdout and stderr (Python's and C's: Ray Data, Ray Train's
+    driver, DeepSpeed) appended to the local file `path` while it runs, and the traceback of
+    an exception it raises written there too; `fn` itself when `path` is None."""
+    import functools
+
+    if not path:
+        return fn
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        import os
+        import sys
+        import traceback
+
+        sys.stdout.flush(), sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.dup2(fd, 1), os.dup2(fd, 2)
+            return fn(*args, **kwargs)
+        except BaseException:
+            traceback.print_exc()
+            raise
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            for f in (fd, *saved):
+                os.close(f)
+    return run
+
+
 def _hash(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -139,13 +171,32 @@ def evaluate_stage(fine_out: dict, force: bool = False) -> dict:
     elif fine_out.get("test"):
         test = read_labeled(fine_out["test"], fine_out["task"])
     else:
-        return {"hash": key, "skipped": True, "why": "no test set (finetune.test or a built-in task)"}
+        return {"hash": key, "not_run": True, "why": "no test set (finetune.test or a built-in task)"}
     report = evaluate_folder(fine_out["model_dir"], test, output=out_dir)
     headline = {k: report[k] for k in ("examples", "f1", "accuracy", "macro_f1") if k in report}
     return _finish(out_dir, {"hash": key, "output": out_dir, **headline})
 
 
-def deploy_stage(fine_out: dict, serve_cfg: dict, eval_out: dict | None = None) -> dict:
+def score_stage(score_cfg: dict, fine_out: dict, force: bool = False, eval_out: dict | None = None) -> dict:
+    """`cloze score` of the [score] table's input with the fine-tuned model into
+    `<output>-<hash>` (the hash covers the model's and the table's): skipped when that
+    folder is published, redone when forced. Runs after evaluate, before deploy."""
+    from .score import score
+    from .score_plan import ScoreConfig
+    from .storage import join_path, read_bytes
+
+    key = _hash("score", fine_out["hash"], score_cfg)
+    output = f"{score_cfg['output'].rstrip('/')}-{key[:12]}"
+    published = read_bytes(join_path(output, "manifest.json"))
+    if published is not None and not force:
+        return {**json.loads(published), "output": output, "hash": key, "skipped": True}
+    cfg = ScoreConfig.from_dict({**score_cfg, "model": fine_out["model_dir"], "output": output,
+                                 "overwrite": published is not None, "progress": False})
+    manifest = score(cfg)
+    return {**manifest, "output": output, "hash": key}
+
+
+def deploy_stage(fine_out: dict, serve_cfg: dict, eval_out: dict | None = None, score_out: dict | None = None) -> dict:
     """Deploy the fine-tuned folder on Ray Serve (replicas outlive this task); runs after the
     evaluate stage when there is one, so the endpoint never holds CPUs training needs."""
     from .serve import deploy

@@ -30,7 +30,7 @@ import pyarrow.fs as pafs
 OWNER_FILE = ".owner.json"  # in a local temp folder: who writes it (host, pid)
 
 __all__ = ["filesystem", "split_query", "join_path", "to_uri", "is_uri", "read_bytes", "write_atomic", "remove",
-           "upload", "remove_killed_runs", "publish", "Staging", "OWNER_FILE"]
+           "upload", "local_copy", "remove_killed_runs", "publish", "Staging", "OWNER_FILE"]
 
 
 def is_uri(path: str) -> bool:
@@ -102,6 +102,49 @@ def upload(local: str, uri: str) -> None:
     """Copy a local folder's files to `uri`, then remove the local folder."""
     pafs.copy_files(local, uri)
     shutil.rmtree(local, ignore_errors=True)
+
+
+def local_copy(path: str, cache: str | None = None) -> str:
+    """A folder on a URI (a model on shared storage) copied to this node once, and its local
+    path; a local path is returned as it is. The copy lives in `cache` (default
+    $CLOZE_CACHE, else <tmp>/cloze-cache) under a name made of the URI and the size and
+    modification time of every file in the folder, so a folder re-exported to the same URI
+    is fetched again; it is filled in a temp folder and renamed into place, so a reader never
+    sees a part of it (concurrent copies on one node: the first rename wins)."""
+    import hashlib
+
+    if not is_uri(path):
+        return path
+    fs, root = filesystem(path)
+    try:
+        found = fs.get_file_info(pafs.FileSelector(root.rstrip("/"), recursive=True))
+    except (FileNotFoundError, OSError, pa.ArrowException) as e:
+        raise FileNotFoundError(f"{path}: cannot list it ({e})") from None
+    files = sorted((i.path, i.size, str(i.mtime)) for i in found if i.type == pafs.FileType.File)
+    if not files:
+        raise FileNotFoundError(f"{path}: no files there")
+    base = Path(cache or os.environ.get("CLOZE_CACHE") or Path(tempfile.gettempdir()) / "cloze-cache")
+    key = hashlib.sha256(json.dumps([split_query(path)[0], files]).encode()).hexdigest()[:20]
+    dest = base / f"{Path(root.rstrip('/')).name}-{key}"
+    if dest.is_dir():
+        return str(dest)
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=base))
+    try:
+        prefix = root.rstrip("/") + "/"
+        for name, _, _ in files:
+            target = tmp / name[len(prefix):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(name) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process on this node finished the same copy first
+            if not dest.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(dest)
 
 
 def remove_killed_runs(output: str, log=print) -> list[str]:

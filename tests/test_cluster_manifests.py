@@ -240,10 +240,23 @@ def test_gpu_profile_parses_with_the_stage_loaders():
     assert pre.zero_stage == 2 and pre.precision == "bf16" and pre.use_gpu and pre.num_workers == 16
     assert pre.global_batch_size == pre.num_workers * pre.batch_size_per_worker  # no accumulation
     assert all(p.startswith("s3://") for p in [*data.inputs, data.output, pre.storage_path])
+    # the rest of the DAG on the cluster: fine-tuning on GPUs from s3:// labeled files, GPU replicas
+    from pipelines.dag import plan_finetune
+    from pipelines.serve_config import ServeConfig
+
+    fine = plan_finetune(raw, pre)
+    assert fine.use_gpu and fine.precision == "bf16" and fine.num_workers == 8 and fine.storage_path == pre.storage_path
+    assert all(p.startswith("s3://") for p in (fine.train, fine.dev, fine.test))
+    serve = ServeConfig.from_dict(raw["serve"])
+    assert serve.num_gpus == 1 and serve.dtype == "bf16" and serve.host == "127.0.0.1" and serve.autoscaling
     assert check_command(["run", "--config", "configs/gpu-cluster.toml"], REPO) == [
         "configs/gpu-cluster.toml names storage URIs: its tables are checked here, its inputs on the cluster"]
     with pytest.raises(ConfigError, match="pretrain.zero_stag"):
         check_run_tables({**raw, "pretrain": {**raw["pretrain"], "zero_stag": 3}})
+    with pytest.raises(ConfigError, match="finetune.epoch"):
+        check_run_tables({**raw, "finetune": {**raw["finetune"], "epoch": 3}})
+    with pytest.raises(ConfigError, match="serve.dtype"):
+        check_run_tables({**raw, "serve": {**raw["serve"], "num_gpus": 0, "dtype": "fp16"}})
 
 
 # ------------------------------------------------------------------ cloze submit, offline parts

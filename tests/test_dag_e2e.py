@@ -4,6 +4,7 @@ killed run resumes from its last checkpoint when run again."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from faults import kill_tree
-from pipelines.train.checkpoint import checkpoint_problem, checkpoint_step
+from pipelines.train.checkpoint import checkpoint_problem
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 LOCAL = Path(__file__).resolve().parent.parent / "configs" / "local.toml"
@@ -47,12 +48,19 @@ def _overrides(tmp_path: Path, corpus: Path, **kw) -> dict:
 
 
 def test_cloze_run_dag_trains_exports_caches_and_keeps_finished_runs(ray_cluster, tmp_path):
-    from pipelines.dag import run
+    from pipelines.dag import StageFailed, run
 
     import socket
 
     corpus = _articles(tmp_path / "corpus", 64)
-    overrides = _overrides(tmp_path, corpus)
+    table = tmp_path / "table.csv"  # the optional score stage's input: 20 texts and one blank row
+    with open(table, "w", newline="") as f:
+        rows = csv.writer(f)
+        rows.writerow(["id", "text"])
+        for i, article in enumerate(sorted(corpus.glob("*.txt"))[:20]):
+            rows.writerow([i, article.read_text(errors="replace").split("\n", 1)[0]])
+        rows.writerow([20, "  "])
+    overrides = {**_overrides(tmp_path, corpus), "score.input": str(table), "score.max_actors": 1}
     with socket.socket() as sock:  # a free port for the deploy stage
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -91,18 +99,31 @@ def test_cloze_run_dag_trains_exports_caches_and_keeps_finished_runs(ray_cluster
     report = json.loads(Path(out["evaluate"]["output"], "eval.json").read_text())
     assert report["examples"] == out["evaluate"]["examples"] > 200 and 0.0 <= report["accuracy"] <= 1.0
     assert Path(out["evaluate"]["output"], "confusion.png").is_file()
-    stages = ("data", "pretrain", "finetune", "evaluate", "deploy", "request")
+    stages = ("data", "pretrain", "finetune", "evaluate", "score", "deploy", "request")
     assert [line.split()[2] for line in lines if line.split()[2:3] and line.split()[2] in stages] == list(stages)
+    # the score stage: the table scored by the fine-tuned model, the blank row marked, not fatal
+    scored = out["score"]
+    assert scored["rows"] == 21 and scored["errors"] == 1 and Path(scored["output"]).parent == tmp_path / "runs"
+    parts = [r for f in sorted(Path(scored["output"]).glob("*.csv")) for r in csv.DictReader(open(f))]
+    assert [int(r["id"]) for r in parts] == list(range(21)) and parts[-1]["error"] == "empty text"
+    assert {r["label"] for r in parts[:-1]} <= set(tuned["labels"])
     # deployed on Ray Serve and asked one real question over HTTP: a bbc-topic label came back
     assert out["deploy"]["url"] == f"http://127.0.0.1:{port}"
     answer = out["request"]["answer"]["results"][0]
     assert answer["label"] in tuned["labels"] and abs(sum(answer["probs"].values()) - 1) < 1e-4
     assert any(line.strip().startswith(f"cloze run:   label: {answer['label']}") for line in lines)
     assert any(f"cloze serve {fine['model_dir']} --port {port}" in line for line in lines)
-    # one self-contained report in the fine-tuning run folder, with the pretraining plots
+    # the run folder: a log per stage, run.json, and one self-contained report with the plots
+    folder = Path(out["report"]).parent
     html = Path(out["report"]).read_text()
-    assert Path(out["report"]).parent == Path(fine["run_dir"]) and html.count("<svg") >= 4
-    assert set(out["stages"]) == set(stages) and "request" in html
+    assert folder.parent == tmp_path / "runs" and folder.name.startswith("run-") and html.count("<svg") >= 4
+    assert set(out["stages"]) == set(stages) and f"label: {answer['label']}" in html
+    record = json.loads((folder / "run.json").read_text())
+    assert {k: v["status"] for k, v in record["stages"].items()} == dict.fromkeys(stages, "done")
+    assert record["stages"]["finetune"]["folder"] == fine["run_dir"] and record["failed"] is None
+    assert sorted(p.name for p in folder.glob("*.log")) == sorted(f"{s}.log" for s in stages[:-1])
+    assert "examples" in (folder / "data.log").read_text()  # what the stage printed (Ray Data's summary)
+    assert any(line == f"cloze run: run folder {folder} (a log per stage, run.json, report.html)" for line in lines)
     with pytest.raises(OSError):  # and the endpoint was stopped at the end
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
@@ -113,6 +134,29 @@ def test_cloze_run_dag_trains_exports_caches_and_keeps_finished_runs(ray_cluster
     assert again["finetune"]["skipped"] is True and again["evaluate"]["skipped"] is True
     assert {s["status"] for s in again["stages"].values()} == {"cached"}  # the data stage too
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp
+
+    # --force finetune: that stage and the ones after it are redone, the ones before stay cached
+    tuned_stamp = Path(fine["model_dir"], "model.safetensors").stat().st_mtime_ns
+    forced = run(LOCAL, overrides, log=lines.append, until="evaluate", force="finetune")
+    assert {k: v["status"] for k, v in forced["stages"].items()} == {
+        "data": "cached", "pretrain": "cached", "finetune": "done", "evaluate": "done"}
+    assert forced["finetune"]["model_dir"] == fine["model_dir"] and not forced["finetune"].get("skipped")
+    assert Path(fine["model_dir"], "model.safetensors").stat().st_mtime_ns != tuned_stamp
+    assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp
+
+    # a failing stage stops the DAG: one line naming it, its reason and its log; the finished stages stay
+    single = tmp_path / "single.csv"
+    single.write_text("text,label\n" + "".join(f"article number {i},business\n" for i in range(12)))
+    failing = {**_overrides(tmp_path, corpus), "finetune.task_name": "", "finetune.train": str(single)}
+    fail_lines: list[str] = []
+    with pytest.raises(StageFailed, match="finetune"):
+        run(LOCAL, failing, log=fail_lines.append, until="evaluate")
+    failed = next(line for line in fail_lines if " FAILED: " in line)
+    assert failed.startswith("cloze run: finetune  FAILED: ") and "has a single class 'business'" in failed
+    log_file = Path(failed.split("(log: ")[1].split(";")[0])
+    assert log_file.name == "finetune.log" and "Traceback" in log_file.read_text()
+    record = json.loads((log_file.parent / "run.json").read_text())
+    assert record["failed"] == "finetune" and record["stages"]["pretrain"]["status"] == "cached"
 
     # a changed config (a longer run, another mask rate) is a new run folder; the finished one stays
     longer = run(LOCAL, _overrides(tmp_path, corpus, **{"pretrain.max_steps": 8, "pretrain.mask_prob": 0.2}),
@@ -133,7 +177,8 @@ def test_a_killed_cloze_run_resumes_from_its_last_checkpoint(ray_cluster, tmp_pa
     for key, value in overrides.items():
         args += [f"--{key}", json.dumps(value) if isinstance(value, list) else str(value)]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    console = open(tmp_path / "console.txt", "w+")  # what a person running it would see
+    proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=console, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
     try:  # killed once its step-4 checkpoint is complete (every rank's manifest written)
         while time.time() < deadline and proc.poll() is None:
@@ -141,9 +186,12 @@ def test_a_killed_cloze_run_resumes_from_its_last_checkpoint(ray_cluster, tmp_pa
             if done and checkpoint_problem(done[0]) is None:
                 break
             time.sleep(0.2)
-        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-3000:]
+        assert proc.poll() is None, "the run ended before it could be killed: " + console.read()[-3000:]
     finally:
         kill_tree(proc)
+    console.seek(0)
+    seen = [line for line in console.read().splitlines() if line.strip()]
+    assert seen and all(line.startswith("cloze run: ") for line in seen), seen  # no Ray chatter, no dict dumps
     killed_at = time.time()
     run_dir = next((tmp_path / "runs").glob("pretrain-*"))
     assert not (run_dir / "model").exists()
@@ -151,7 +199,9 @@ def test_a_killed_cloze_run_resumes_from_its_last_checkpoint(ray_cluster, tmp_pa
     lines: list[str] = []
     out = run(LOCAL, overrides, log=lines.append, until="pretrain")
     assert out["resumed"] is True and Path(out["run_dir"]) == run_dir
-    assert Path(out["resumed_from"]).parent == run_dir and checkpoint_step(out["resumed_from"]) >= 4
+    assert out["stages"]["data"]["status"] == "cached"  # the finished stage was not redone
+    # (by its name: a resumed run prunes old checkpoints, maybe the one it started from)
+    assert Path(out["resumed_from"]).parent == run_dir and int(Path(out["resumed_from"]).name.split("_")[-1]) >= 4
     assert any("resumed from its last checkpoint" in line for line in lines)
     assert out["metrics"]["step"] == 40 and Path(out["model_dir"], "model.safetensors").is_file()
     evals = {int(e["step"]): e for e in out["evals"]}

@@ -151,6 +151,28 @@ def test_scorer_without_ray_marks_error_rows_and_agrees_with_the_predictor(model
     assert [r["error"] for r in rows] == [None, "missing text", "empty text", "empty text", None]
 
 
+def test_a_multi_label_model_scores_a_labels_column(tmp_path):
+    """A multi-label folder: the plan adds `labels` (JSON text, those >= score.threshold,
+    as `Predictor.classify` lists them); a bad row gets null labels and its error."""
+    from test_serve_inference import ML_TEXTS, multi_label_classifier
+
+    from pipelines.inference import Predictor
+    from pipelines.score import Plan, ScoreConfig, plan
+
+    folder = multi_label_classifier(tmp_path / "ml")
+    pq.write_table(pa.table({"text": ML_TEXTS}), tmp_path / "in.parquet")
+    found = plan(ScoreConfig(model=folder, input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out")))
+    assert found.multi_label and found.added("p_") == [f"p_{c}" for c in ("label", "labels", "score", "probs",
+                                                                           "truncated", "error")]
+    batch = pa.table({"text": [*ML_TEXTS, ""]})
+    for threshold in (0.5, 0.0):
+        rows = Scorer(folder, found, threshold=threshold)(batch).to_pylist()
+        want = Predictor(folder, threshold=threshold).classify(ML_TEXTS)
+        assert [json.loads(r["labels"]) for r in rows[:-1]] == [w["labels"] for w in want]
+        assert rows[-1]["labels"] is None and rows[-1]["error"] == "empty text"
+    assert not Plan("sequence", "parquet", "parquet", ("x",), "text", "", "").multi_label
+
+
 # ------------------------------------------------------------------ real Ray Data
 
 

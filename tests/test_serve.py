@@ -148,6 +148,8 @@ BIG = "x" * (2 * 1024 * 1024)
     ("null body", {"data": b"null", "headers": {"content-type": "application/json"}}, 422, "validation"),
     ("texts and pairs", {"json": {"texts": ["a"], "pairs": [["a", "b"]]}}, 422, "validation"),
     ("a pair of three", {"json": {"pairs": [["a", "b", "c"]]}}, 422, "validation"),
+    ("a threshold above 1", {"json": {"texts": ["a"], "threshold": 1.5}}, 422, "validation"),
+    ("a threshold for a single-label model", {"json": {"texts": ["a"], "threshold": 0.3}}, 422, "validation"),
     ("a 2 MB text", {"json": {"texts": [BIG]}}, 413, "payload_too_large"),
     ("a 2 MB text, chunked", {"data": iter([b'{"texts": ["', BIG.encode(), b'"]}']),
                               "headers": {"content-type": "application/json"}}, 413, "payload_too_large"),

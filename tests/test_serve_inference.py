@@ -187,3 +187,57 @@ def test_a_gpu_predictor_agrees_with_the_cpu(seq_dir):
         assert next(gpu.model.parameters()).is_cuda
         for x, y in zip(cpu, gpu.classify(texts)):
             assert x["label"] == y["label"] and all(abs(x["probs"][k] - y["probs"][k]) < 0.03 for k in x["probs"])
+
+
+TOPICS = ("business", "politics", "sport", "tech")
+
+
+def multi_label_classifier(folder: Path, seed: int = 4) -> str:
+    """A random tiny multi-label classifier: config.json's `problem_type` as transformers
+    writes it; head weights scaled so that some labels land on each side of 0.5."""
+    import json
+
+    tiny_classifier(folder, seed=seed, scale=40.0, labels=TOPICS)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "problem_type": "multi_label_classification"}))
+    return str(folder)
+
+
+ML_TEXTS = ["Shares rose sharply after the bank's results.", "The striker scored twice in the final minutes.",
+            "Ministers met to discuss the new chip factory.", "A quiet day.", "Parliament voted on the budget."]
+
+
+def test_a_multi_label_model_answers_sigmoids_as_transformers_pipeline_does(tmp_path):
+    """Independent sigmoids, `labels` = those >= the threshold, most probable first, as
+    transformers' text-classification pipeline scores a multi_label_classification folder;
+    `cloze evaluate` refuses such a model with a reason."""
+    import transformers
+
+    from pipelines.evaluate import evaluate_folder
+    from pipelines.inference import Predictor
+    from pipelines.labeled import LabeledDataError
+
+    folder = multi_label_classifier(tmp_path / "ml")
+    pred = Predictor(folder)
+    assert pred.multi_label and pred.kind == "sequence"
+    ours = pred.classify(ML_TEXTS)
+    pipe = transformers.pipeline("text-classification", model=folder, tokenizer=folder, top_k=None, device="cpu")
+    theirs = pipe(ML_TEXTS)
+    for o, t in zip(ours, theirs):
+        want = {x["label"]: x["score"] for x in t}
+        assert o["probs"] == pytest.approx(want, abs=1e-5)
+        assert o["labels"] == [x["label"] for x in sorted(t, key=lambda x: -x["score"]) if x["score"] >= 0.5]
+        assert o["label"] == max(want, key=want.get) and o["score"] == pytest.approx(max(want.values()), abs=1e-5)
+        assert 0 < len(o["labels"]) < len(TOPICS)  # the fixture has labels on both sides of 0.5
+        assert abs(sum(o["probs"].values()) - 1) > 0.1  # sigmoids, not a softmax
+    low = pred.classify_rows(pred.logits(pred.encode(ML_TEXTS)), [False] * len(ML_TEXTS), threshold=0.0)
+    assert all(sorted(r["labels"]) == sorted(TOPICS) for r in low)
+    assert all(r["labels"] == [] for r in pred.classify_rows(pred.logits(pred.encode(ML_TEXTS)),
+                                                              [False] * len(ML_TEXTS), threshold=1.0)
+               if r["score"] < 1.0)
+    with pytest.raises(ValueError, match="threshold"):
+        Predictor(folder, threshold=1.5)
+    single = Predictor(tiny_classifier(tmp_path / "single"))
+    assert not single.multi_label and "labels" not in single.classify(ML_TEXTS[:1])[0]
+    with pytest.raises(LabeledDataError, match="multi-label"):
+        evaluate_folder(folder, None)

@@ -172,6 +172,44 @@ def test_a_killed_replica_costs_no_request_and_heals(serving, folders, app_clean
     assert r.status_code == 200
 
 
+def test_multi_label_over_http_and_one_metrics_page_for_two_replicas(serving, tmp_path, app_cleanup):
+    """A multi-label folder on two replicas: /v1/classify answers as the Predictor does, a
+    request's threshold applies; a scrape through the proxy (whichever replica answers)
+    shows both replicas' series, and their sum counts every request the clients sent."""
+    from test_serve_inference import ML_TEXTS, TOPICS, multi_label_classifier
+
+    from pipelines.inference import Predictor
+
+    folder = multi_label_classifier(tmp_path / "ml")
+    url = serving(folder, num_cpus=0.5, min_replicas=2, max_replicas=2, metrics_interval_s=0.5)
+    info = requests.get(url + "/v1/model", timeout=30).json()
+    assert info["multi_label"] is True and info["threshold"] == 0.5 and info["labels"] == list(TOPICS)
+    want = Predictor(folder).classify(ML_TEXTS)
+    sent = 0
+    with requests.Session() as s:
+        for threshold, expect in ((None, [w["labels"] for w in want]), (0.0, [sorted(TOPICS)] * len(ML_TEXTS))):
+            for _ in range(20):
+                body = {"texts": ML_TEXTS} | ({} if threshold is None else {"threshold": threshold})
+                r = s.post(url + "/v1/classify", json=body, timeout=60)
+                sent += 1
+                assert r.status_code == 200, r.text
+                got = [x["labels"] for x in r.json()["results"]]
+                assert (got if threshold is None else [sorted(g) for g in got]) == expect
+        assert [x["probs"] for x in r.json()["results"]] == [pytest.approx(w["probs"], abs=1e-5) for w in want]
+
+        def whole_deployment():
+            page = s.get(url + "/metrics", timeout=30).text
+            ids = {line.split('replica="')[1].split('"')[0] for line in page.splitlines()
+                   if line.startswith("cloze_model_info{")}  # every replica has it from its start
+            done = sum(float(line.rsplit(" ", 1)[1]) for line in page.splitlines()
+                       if line.startswith("cloze_requests_total{") and 'route="/v1/classify"' in line
+                       and 'status="200"' in line)
+            return page if len(ids) == 2 and done == sent else None
+
+        page = wait_for(whole_deployment, 30, f"both replicas' series summing to the {sent} requests sent")
+    assert page.count("# TYPE cloze_requests_total counter") == 1  # one family, both replicas' samples
+
+
 def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(serving, folders, app_cleanup):
     url = serving(folders["seq"], num_cpus=0.5, min_replicas=1, max_replicas=2, target_ongoing_requests=1,
                   upscale_delay_s=0.5, downscale_delay_s=2, metrics_interval_s=0.5, look_back_period_s=1,

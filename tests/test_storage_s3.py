@@ -197,3 +197,63 @@ def test_pretrain_reads_shards_and_stores_run_in_s3(ray_s3, tmp_path):
         final = json.loads(f.read())["metadata"]["final_metrics"]
     assert final["step"] == 4 and final["samples"] == 32
     shutil.rmtree(local)
+
+
+def test_a_model_folder_on_s3_is_scored_served_and_evaluated(ray_s3, tmp_path):
+    """A classifier exported to shared storage: each node copies it once (`local_copy`, keyed
+    by the URI and its files' sizes and times, so a re-export is fetched again); `cloze
+    score`'s actors, a Serve replica and `cloze evaluate` (report written back to S3) use
+    it as they use a local folder, with the same answers."""
+    import requests
+    from test_serve import free_port
+    from test_serve_inference import tiny_classifier
+
+    from pipelines.evaluate import evaluate_folder
+    from pipelines.inference import Predictor
+    from pipelines.labeled import read_labeled
+    from pipelines.score import ScoreConfig, score
+    from pipelines.serve import deploy
+    from pipelines.serve_config import ServeConfig
+    from pipelines.storage import local_copy
+
+    fs, query = ray_s3
+    local = tiny_classifier(tmp_path / "topics", labels=("business", "tech"))
+    pafs.copy_files(local, f"{BUCKET}/models/topics", destination_filesystem=fs)
+    uri = f"s3://{BUCKET}/models/topics{query}"
+    cache = tmp_path / "cache"
+    copy = local_copy(uri, cache=str(cache))
+    assert local_copy(uri, cache=str(cache)) == copy and sorted(os.listdir(copy)) == sorted(os.listdir(local))
+    assert all(Path(copy, f).read_bytes() == Path(local, f).read_bytes() for f in os.listdir(local))
+    texts = [p.split("\n", 1)[0] for p in (f.read_text(errors="replace") for f in
+                                          sorted((bbc_root() / "tech").glob("*.txt"))[:30])]
+    want = Predictor(local).classify(texts)
+    remote = Predictor(uri)
+    assert remote.source == uri and [r["label"] for r in remote.classify(texts)] == [w["label"] for w in want]
+
+    pq.write_table(pa.table({"text": texts}), tmp_path / "in.parquet")
+    manifest = score(ScoreConfig(model=uri, input=str(tmp_path / "in.parquet"), output=f"s3://{BUCKET}/scored{query}",
+                                 max_actors=1, progress=False), log=lambda *_: None)
+    assert manifest["rows"] == 30 and manifest["errors"] == 0
+    parts = sorted(k for k in listing(fs, "scored") if k.endswith(".parquet"))
+    labels = [r for k in parts for r in pq.read_table(fs.open_input_file(f"{BUCKET}/scored/{k}")).column("label")
+              .to_pylist()]
+    assert labels == [w["label"] for w in want]
+
+    url = deploy(uri, ServeConfig(port=free_port(), num_cpus=0.5, name="s3model"))
+    try:
+        r = requests.post(url + "/v1/classify", json={"texts": texts[:4]}, timeout=60)
+        assert r.status_code == 200 and [x["label"] for x in r.json()["results"]] == [w["label"] for w in want[:4]]
+        assert requests.get(url + "/v1/model", timeout=30).json()["name"] == "topics"
+    finally:
+        from ray import serve
+
+        serve.delete("s3model")
+
+    (tmp_path / "test.csv").write_text("text,label\n" + "".join(f'"{t}",tech\n' for t in texts[:10]))
+    report = evaluate_folder(uri, read_labeled(str(tmp_path / "test.csv"), "sequence"),
+                             output=f"s3://{BUCKET}/eval{query}")
+    assert report["examples"] == 10 and {"eval.json", "report.md", "confusion.png"} <= set(listing(fs, "eval"))
+
+    other = tiny_classifier(tmp_path / "topics-v2", seed=7, labels=("business", "tech"))  # re-exported
+    pafs.copy_files(other, f"{BUCKET}/models/topics", destination_filesystem=fs)
+    assert local_copy(uri, cache=str(cache)) != copy
