@@ -27,7 +27,7 @@ run: install
 
 test: install
 	sh scripts/install-browser.sh  # Debian's chromium: tests/test_report.py renders the run report in it
-	$(BIN)/python -m pytest -q --durations=10 tests
+	CLOZE_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q --durations=10 tests
 
 test-unit: install
 	$(BIN)/python -m pytest -q tests -m "not ray and not e2e and not gpu"

@@ -1,8 +1,8 @@
 #!/bin/sh
 # Debian's Chromium, for tests/test_report.py (renders report.html headless). Idempotent:
 # silent when `chromium` is already on PATH; a warning (exit 0) where apt-get is missing
-# or the install fails, so the report test then skips with its reason instead of failing
-# a machine that cannot install packages.
+# or the install fails. `make test` then fails the report test (CLOZE_REQUIRE_BROWSER=1)
+# with this warning above it; a plain pytest run skips it with its reason.
 set -u
 command -v chromium >/dev/null 2>&1 && exit 0
 if ! command -v apt-get >/dev/null 2>&1; then

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -245,11 +246,13 @@ def test_token_task_report(tmp_path):
     assert page.plots == {} and page.images == []
     stages = {r[0]: r[1] for r in page.tables["stages"][1:]}
     assert stages == {"data": "not run", "pretrain": "not run", "finetune": "not run", "evaluate": "done",
-                      "deploy": "not run", "request": "not run"}
+                      "score": "not run", "deploy": "not run", "request": "not run"}
 
 
 def _chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found and os.environ.get("CLOZE_REQUIRE_BROWSER"):  # `make test` installs it: missing is a failure
+        pytest.fail("no chromium on PATH although `make test` ran scripts/install-browser.sh (see its message)")
     if not found:
         pytest.skip("no chromium on PATH (scripts/install-browser.sh installs Debian's)")
     return found
