@@ -47,6 +47,18 @@ def _overrides(tmp_path: Path, corpus: Path, **kw) -> dict:
         "finetune.batch_size_per_worker": 8, "finetune.global_batch_size": 16, **kw}
 
 
+def _cloze_run_until_pretrain(overrides: dict, tmp_path: Path):
+    """`cloze run --until pretrain` with these overrides as its own process group (a
+    terminal's job); returns it and the file holding its console (what a person would see)."""
+    args = [str(Path(sys.executable).parent / "cloze"), "run", "--config", str(LOCAL), "--until", "pretrain"]
+    for key, value in overrides.items():
+        args += [f"--{key}", json.dumps(value) if isinstance(value, list) else str(value)]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
+    console = open(tmp_path / "console.txt", "w+")
+    return subprocess.Popen(args, env=env, start_new_session=True, stdout=console,
+                            stderr=subprocess.STDOUT), console
+
+
 def test_cloze_run_dag_trains_exports_caches_and_keeps_finished_runs(ray_cluster, tmp_path):
     from pipelines.dag import StageFailed, run
 
@@ -173,12 +185,7 @@ def test_a_killed_cloze_run_resumes_from_its_last_checkpoint(ray_cluster, tmp_pa
 
     corpus = _articles(tmp_path / "corpus", 48)
     overrides = _overrides(tmp_path, corpus, **{"pretrain.max_steps": 40, "pretrain.checkpoint_every": 4})
-    args = [str(Path(sys.executable).parent / "cloze"), "run", "--config", str(LOCAL), "--until", "pretrain"]
-    for key, value in overrides.items():
-        args += [f"--{key}", json.dumps(value) if isinstance(value, list) else str(value)]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
-    console = open(tmp_path / "console.txt", "w+")  # what a person running it would see
-    proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=console, stderr=subprocess.STDOUT)
+    proc, console = _cloze_run_until_pretrain(overrides, tmp_path)
     deadline = time.time() + 240
     try:  # killed once its step-4 checkpoint is complete (every rank's manifest written)
         while time.time() < deadline and proc.poll() is None:
@@ -226,12 +233,7 @@ def test_ctrl_c_stops_cloze_run_with_exit_130_and_marks_nothing_done(ray_cluster
 
     corpus = _articles(tmp_path / "corpus", 48)
     overrides = _overrides(tmp_path, corpus, **{"pretrain.max_steps": 400, "pretrain.checkpoint_every": 4})
-    args = [str(Path(sys.executable).parent / "cloze"), "run", "--config", str(LOCAL), "--until", "pretrain"]
-    for key, value in overrides.items():
-        args += [f"--{key}", json.dumps(value) if isinstance(value, list) else str(value)]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
-    console = open(tmp_path / "console.txt", "w+")
-    proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=console, stderr=subprocess.STDOUT)
+    proc, console = _cloze_run_until_pretrain(overrides, tmp_path)
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:

