@@ -85,7 +85,7 @@ def test_cloze_run_dag_trains_exports_caches_and_keeps_finished_runs(ray_cluster
     model_dir = Path(out["model_dir"])
     assert model_dir.parent.name.startswith("pretrain-")
     info = json.loads((model_dir / "cloze.json").read_text())
-    assert info["architecture"] == "BertForPreTraining"
+    assert info["architecture"] == "BertForMaskedLM"  # mlm + sop: the SOP head goes to cloze_extra
     # the model's vocabulary and sequence length are the ones the data stage wrote
     hf_config = json.loads((model_dir / "config.json").read_text())
     assert hf_config["vocab_size"] == manifest["tokenizer"]["vocab_size"]
@@ -93,13 +93,13 @@ def test_cloze_run_dag_trains_exports_caches_and_keeps_finished_runs(ray_cluster
     run_config = json.loads((model_dir.parent / "config.json").read_text())
     assert run_config["max_seq_len"] == manifest["max_seq_len"] == 256 and run_config["data"] == str(data_dir)
     assert (model_dir / "vocab.txt").read_text() == (data_dir / "vocab.txt").read_text()
-    assert out["metrics"]["step"] == 6 and "mlm/loss" in out["metrics"] and "nsp/loss" in out["metrics"]
+    assert out["metrics"]["step"] == 6 and "mlm/loss" in out["metrics"] and "sop/loss" in out["metrics"]
     assert len(manifest["shards"]) >= 2 and [e["step"] for e in out["evals"]] == [0, 3, 6]
     assert any("held-out mlm acc" in line for line in lines)
 
     import transformers
 
-    hf = transformers.BertForPreTraining.from_pretrained(str(model_dir), local_files_only=True)
+    hf = transformers.BertForMaskedLM.from_pretrained(str(model_dir), local_files_only=True)
     assert hf.config.vocab_size == manifest["tokenizer"]["vocab_size"]
 
     # the pretrained encoder was fine-tuned on bbc-topic and scored on its test split
