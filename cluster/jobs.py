@@ -282,7 +282,8 @@ EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception|
 
 
 def failure_reason(message: str | None, logs: str) -> str:
-    """Why a job failed, in one line: the `cloze ...: error: ...` line its command printed
+    """Why a job failed, in one line: a `cloze run` stage's FAILED line (without its log
+    paths, which are the head node's), or the `cloze ...: error: ...` line its command printed
     (commands report bad input that way; when that error came from inside a Ray task, the
     exception that ended the task's traceback), else the exception of the last traceback,
     else Ray's own message (a runtime_env that could not be built, a killed driver)."""
@@ -297,6 +298,8 @@ def failure_reason(message: str | None, logs: str) -> str:
         return None
 
     for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("cloze run: ") and " FAILED: " in lines[i]:  # a DAG stage: its line, less the log paths
+            return " ".join(lines[i].split(" (log: ", 1)[0].split())
         if lines[i].startswith("cloze ") and ": error: " in lines[i]:
             prog, text = lines[i].split(": error: ", 1)
             inner = exception_after(i) if text.startswith("ray::") else None

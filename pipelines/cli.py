@@ -303,14 +303,35 @@ def cmd_run(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     except (ConfigError, InputError) as e:
         print(f"cloze run: error: {e}", file=sys.stderr)
         return 2
-    except StageFailed:  # its FAILED line (stage, reason, log) is already on the console
+    except StageFailed as e:  # its FAILED line (stage, reason, log) is already on the console
         print("cloze run: finished stages are kept; fix the cause and run again to resume", file=sys.stderr)
-        return 1
+        return e.exit_code
     except KeyboardInterrupt:
         print("cloze run: interrupted; finished stages are kept (a stage is only marked done once its output "
               "is complete) and a rerun resumes from the last checkpoint", file=sys.stderr)
-        return 130
+        _exit_now(130)
     return 0
+
+
+def _exit_now(code: int, grace_s: float = 10.0) -> None:
+    """Exit after Ctrl-C without hanging: a terminal's Ctrl-C also reached the local Ray's
+    own processes, and `ray.shutdown()` (also Python's exit hook) can wait a minute for a GCS
+    that is gone. Give it `grace_s`, then leave; Ray's child processes share the driver's
+    fate and go with it."""
+    import threading
+
+    sys.stdout.flush(), sys.stderr.flush()
+    try:
+        import ray
+
+        if ray.is_initialized():
+            done = threading.Thread(target=ray.shutdown, daemon=True)
+            done.start()
+            done.join(grace_s)
+    except Exception:
+        pass
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(code)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,12 +57,17 @@ class RunPlan:
 
 class StageFailed(RuntimeError):
     """A stage of `cloze run` raised: the console already has its FAILED line (the stage,
-    the reason, its log); finished stages are kept and a rerun resumes."""
+    the reason, its log); finished stages are kept and a rerun resumes. `exit_code`: 2 when
+    the stage refused its input or config (e.g. GPUs the cluster lacks), 1 otherwise."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def run_folder(storage_path: str) -> str:
-    """This invocation's record, `<storage_path>/run-<UTC time>`: a log per stage (local
-    storage), run.json (every stage's status, time and folder) and report.html."""
+    """This invocation's record, `<storage_path>/run-<UTC time>`: a log per stage, run.json
+    (every stage's status, time and folder) and report.html."""
     from datetime import datetime, timezone
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")[:-3]
@@ -181,7 +186,7 @@ def plan_finetune(raw: dict, pre) -> Any:
 
 def launch_dag(plan: RunPlan, logs: str | None = None) -> dict[str, Any]:
     """Submit the planned stages, each waiting on the one before; returns their ObjectRefs.
-    `logs`: a local folder where each stage's output goes (`<stage>.log`)."""
+    `logs`: the folder (local or URI) where each stage's output goes (`<stage>.log`)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -256,9 +261,9 @@ def run(config_path: str | os.PathLike | None = None, overrides: Mapping[str, An
     local = "://" not in folder
     if local:
         Path(folder).mkdir(parents=True, exist_ok=True)
-    log(f"cloze run: run folder {folder}" + (" (a log per stage, run.json, report.html)" if local else ""))
+    log(f"cloze run: run folder {folder} (a log per stage, run.json, report.html)")
     t0 = time.perf_counter()
-    refs = launch_dag(plan, folder if local else None)
+    refs = launch_dag(plan, folder)
     results: dict[str, dict] = {}
     timings: dict[str, dict] = {}
     for name, ref in refs.items():  # in DAG order: each line appears as its stage finishes
@@ -266,8 +271,7 @@ def run(config_path: str | os.PathLike | None = None, overrides: Mapping[str, An
             results[name] = out = _wait(ref, name, plan)
         except ray.exceptions.RayTaskError as e:
             cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else e
-            where = [f"{folder}/{name}.log"] if local else []
-            where += [f"Ray's logs {logs}"] if logs else []
+            where = [f"{folder}/{name}.log"] + ([f"Ray's logs {logs}"] if logs else [])
             reason = f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:300]}"
             log(f"cloze run: {name:<9} FAILED: {reason}" + (f" (log: {'; '.join(where)})" if where else ""))
             _record(folder, plan, timings, results, failed=name)
@@ -276,7 +280,10 @@ def run(config_path: str | os.PathLike | None = None, overrides: Mapping[str, An
                     ray.get(later)
                 except ray.exceptions.RayError:
                     pass
-            raise StageFailed(f"stage {name} failed: {reason}") from None
+            from .data.corpus import InputError
+
+            refused = isinstance(cause, (ConfigError, InputError))
+            raise StageFailed(f"stage {name} failed: {reason}", 2 if refused else 1) from None
         elapsed = time.perf_counter() - t0
         state = "skipped" if out.get("not_run") else "cached" if out.get("skipped") else "done"
         timings[name] = {"status": state, "elapsed_s": round(elapsed, 1)}
@@ -298,7 +305,7 @@ def run(config_path: str | os.PathLike | None = None, overrides: Mapping[str, An
             timings["request"] = {"status": "done", "elapsed_s": round(time.perf_counter() - t0, 2)}
             log(f"cloze run: request   POST {results['deploy']['url']}{route} {json.dumps(text[:60] + '...')}")
             log(f"cloze run:   {answer_line(route, answer)}")
-        not_run = [s for s in STAGES if s not in results]
+        not_run = [s for s in STAGES if s not in results and (s != "score" or plan.score is not None)]
         if not_run:
             log("cloze run: not run: " + ", ".join(not_run))
         out = {**results.get("pretrain", {}), "data_dir": plan.data.output, "stages": timings}

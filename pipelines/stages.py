@@ -18,8 +18,9 @@ NOT_HASHED = ("name", "storage_path", "shared_filesystem", "log_every", "report_
 
 def logged(fn, path: str | None):
     """`fn` with its process's stdout and stderr (Python's and C's: Ray Data, Ray Train's
-    driver, DeepSpeed) appended to the local file `path` while it runs, and the traceback of
-    an exception it raises written there too; `fn` itself when `path` is None."""
+    driver, DeepSpeed) written to the file `path` while it runs, and the traceback of an
+    exception it raises written there too; `fn` itself when `path` is None. A URI `path`
+    (shared storage) is written locally and uploaded when `fn` ends, however it ends."""
     import functools
 
     if not path:
@@ -29,11 +30,15 @@ def logged(fn, path: str | None):
     def run(*args, **kwargs):
         import os
         import sys
+        import tempfile
         import traceback
 
+        from .storage import is_uri, write_atomic
+
+        local = tempfile.mkstemp(prefix="cloze-stage-", suffix=".log")[1] if is_uri(path) else path
         sys.stdout.flush(), sys.stderr.flush()
         saved = os.dup(1), os.dup(2)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             os.dup2(fd, 1), os.dup2(fd, 2)
             return fn(*args, **kwargs)
@@ -45,6 +50,12 @@ def logged(fn, path: str | None):
             os.dup2(saved[0], 1), os.dup2(saved[1], 2)
             for f in (fd, *saved):
                 os.close(f)
+            if local != path:
+                try:
+                    with open(local, "rb") as f:
+                        write_atomic(path, f.read())
+                finally:
+                    os.remove(local)
     return run
 
 

@@ -266,14 +266,17 @@ def test_a_failing_job_shows_failed_and_its_error(cluster, work, cli):
     auth = ["--address", cluster.address, "--token-file", str(cluster.token_file)]
     sub = cloze(["submit", *auth, "--use-cluster-env", "--job-id", "cz-fail", "--",
                  *run_args(work, "--pretrain.use_gpu", "true")], work / "home")
-    why = "cloze run: error: ConfigError: use_gpu: 1 workers x 1.0 GPUs, but the cluster has 0"
+    why = "cloze run: pretrain FAILED: ConfigError: use_gpu: 1 workers x 1.0 GPUs, but the cluster has 0"
     assert sub.returncode == 1, sub.stdout[-3000:] + sub.stderr
     assert "cloze submit: job cz-fail: FAILED" in sub.stdout and f"cloze submit: error: {why}" in sub.stdout
     status, out, _ = cli("jobs", "status", "cz-fail", *auth)
     assert status == 0 and out.splitlines()[0].startswith("cloze jobs status: job cz-fail: FAILED after")
     assert "exit code 2" in out and f"cloze jobs status: error: {why}" in out
     status, out, _ = cli("jobs", "logs", "cz-fail", *auth)
-    assert status == 0 and "encoder.config.ConfigError: use_gpu: 1 workers x 1.0 GPUs, but the cluster has 0" in out
+    assert status == 0 and "cloze run: pretrain  FAILED: ConfigError: use_gpu: 1 workers x 1.0 GPUs" in out
+    # the stage's own log (the run folder, on the head here) holds its traceback
+    stage_log = out.split("FAILED: ")[1].split("(log: ")[1].split(";")[0]
+    assert "encoder.config.ConfigError: use_gpu: 1 workers x 1.0 GPUs" in Path(stage_log).read_text()
     status, _, err = cli("jobs", "status", "cz-nope", *auth)
     assert status == 2 and "no job 'cz-nope'" in err
 

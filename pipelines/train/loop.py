@@ -131,6 +131,9 @@ def train_loop_per_worker(config: dict) -> None:
         # one worker, no ZeRO partitions: DeepSpeed's gradient all-reduce would flatten every
         # gradient into a buffer, reduce it with itself and copy it back (identical values;
         # 4-6% of a MiniLM fine-tuning step's CPU time). ZeRO 1-3 keep theirs: they partition.
+        # One difference: that path also gives a parameter no objective uses (BERT's pooler
+        # under MLM + SOP) a zero gradient, which AdamW then decays; without it, such a
+        # parameter keeps no gradient and AdamW leaves it alone, as in plain PyTorch.
         engine.enable_backward_allreduce = False
     torch.manual_seed(mix_seed(cfg.seed, DROPOUT, rank))  # each rank its own dropout masks
 
