@@ -76,13 +76,12 @@ def check_run_tables(raw: Mapping[str, Any]) -> None:
     [serve]) built into its stage's dataclass without touching storage (ConfigError naming
     the key); what needs storage (the corpus, labeled files, the score input) is checked by
     the DAG on the cluster."""
-    from pipelines.dag import plan_finetune
+    from pipelines.dag import RUN_TABLES, plan_finetune, plan_score
     from pipelines.data.config import DataConfig
     from pipelines.pretrain import PretrainConfig
-    from pipelines.score_plan import ScoreConfig
     from pipelines.serve_config import ServeConfig
 
-    unknown = sorted(set(raw) - {"data", "model", "pretrain", "finetune", "score", "serve"})
+    unknown = sorted(set(raw) - set(RUN_TABLES))
     if unknown:
         raise ConfigError(f"unknown config table [{unknown[0]}]")
     data = DataConfig.from_dict(raw.get("data", {}))
@@ -97,10 +96,7 @@ def check_run_tables(raw: Mapping[str, Any]) -> None:
     serve = ServeConfig.from_dict(raw.get("serve", {}))
     if fine is not None:
         serve.check_model(fine.max_seq_len)
-    if raw.get("score"):
-        if fine is None:
-            raise ConfigError("[score] scores with the fine-tuned model: the config needs a [finetune] table too")
-        ScoreConfig.from_dict({**raw["score"], "model": "(the finetune stage's model)", "output": "(storage)"})
+    plan_score(dict(raw), pre, fine, list_input=False)  # the score input is the cluster's to list
 
 
 def _names_uri(value: Any) -> bool:

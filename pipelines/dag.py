@@ -36,6 +36,7 @@ from .stages import (answer_line, data_stage, deploy_stage, evaluate_stage, fine
 
 STAGES = ("data", "pretrain", "finetune", "evaluate", "score", "deploy", "request")
 DOWNSTREAM = ("finetune", "evaluate", "score", "deploy", "request")  # need a [finetune] table
+RUN_TABLES = ("data", "model", "pretrain", "finetune", "score", "serve")  # the config tables cloze run reads
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def plan_run(config_path: str | os.PathLike | None, overrides: Mapping[str, Any]
         value = raw.get(table, {}).get(key)
         if isinstance(value, str) and value and "://" not in value:
             raw[table][key] = str(Path(value).resolve())
-    unknown = sorted(set(raw) - {"data", "model", "pretrain", "finetune", "score", "serve"})
+    unknown = sorted(set(raw) - set(RUN_TABLES))
     if unknown:
         raise ConfigError(f"unknown config table [{unknown[0]}] (cloze run reads [data], [model], [pretrain], "
                           f"[finetune], [score], [serve])")
@@ -128,7 +129,7 @@ def plan_run(config_path: str | os.PathLike | None, overrides: Mapping[str, Any]
     fine = plan_finetune(raw, pre)
     if until in DOWNSTREAM and fine is None:
         raise ConfigError(f"--until {until}: the config has no [finetune] table")
-    score = _plan_score(raw, pre, fine)
+    score = plan_score(raw, pre, fine)
     if until == "score" and score is None:
         raise ConfigError("--until score: the config has no [score] table")
     from .serve_config import ServeConfig
@@ -140,9 +141,10 @@ def plan_run(config_path: str | os.PathLike | None, overrides: Mapping[str, Any]
                    finetune=fine, until=until or STAGES[-1], serve=serve_cfg, score=score)
 
 
-def _plan_score(raw: dict, pre, fine) -> dict | None:
-    """The [score] table, checked (keys, values, the input's files) before Ray starts; its
-    model is the fine-tuned one and its output `<storage_path>/score-<hash>`."""
+def plan_score(raw: dict, pre, fine, list_input: bool = True) -> dict | None:
+    """The [score] table, checked (keys, values and, with `list_input`, the input's files)
+    before Ray starts; its model is the fine-tuned one and its output
+    `<storage_path>/score-<hash>`."""
     from .score_plan import ScoreConfig, list_inputs
 
     table = dict(raw.get("score", {}))
@@ -160,7 +162,8 @@ def _plan_score(raw: dict, pre, fine) -> dict | None:
         table["input"] = str(Path(table["input"]).resolve())
     table["output"] = f"{pre.storage_path.rstrip('/')}/score"
     ScoreConfig.from_dict({**table, "model": "(the finetune stage's model)"})
-    list_inputs(table["input"], table.get("input_format", ""))
+    if list_input:
+        list_inputs(table["input"], table.get("input_format", ""))
     return table
 
 
