@@ -76,22 +76,15 @@ def check_run_tables(raw: Mapping[str, Any]) -> None:
     [serve]) built into its stage's dataclass without touching storage (ConfigError naming
     the key); what needs storage (the corpus, labeled files, the score input) is checked by
     the DAG on the cluster."""
-    from pipelines.dag import RUN_TABLES, plan_finetune, plan_score
+    from pipelines.dag import RUN_TABLES, plan_finetune, plan_pretrain, plan_score
     from pipelines.data.config import DataConfig
-    from pipelines.pretrain import PretrainConfig
     from pipelines.serve_config import ServeConfig
 
     unknown = sorted(set(raw) - set(RUN_TABLES))
     if unknown:
         raise ConfigError(f"unknown config table [{unknown[0]}]")
     data = DataConfig.from_dict(raw.get("data", {}))
-    table = PretrainConfig.table_from_raw(raw)
-    for key in ("data", "tokenizer"):
-        if table.get(key):
-            raise ConfigError(f"pretrain.{key}: cloze run trains on its own data stage's output; drop this key")
-    model = dict(table.get("model", {"preset": "tiny"}))
-    model.setdefault("max_position_embeddings", max(512, data.max_seq_len))
-    pre = PretrainConfig.from_dict({**table, "model": model, "data": data.output})
+    pre = plan_pretrain(raw, data)
     fine = plan_finetune(dict(raw), pre)
     serve = ServeConfig.from_dict(raw.get("serve", {}))
     if fine is not None:

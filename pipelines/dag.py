@@ -90,7 +90,6 @@ def plan_run(config_path: str | os.PathLike | None, overrides: Mapping[str, Any]
     from .data.config import DataConfig
     from .data.corpus import plan_units
     from .data.pairs import cache_key
-    from .pretrain import PretrainConfig
     from .storage import split_query
 
     raw = load_toml(config_path) if config_path else {}
@@ -113,16 +112,7 @@ def plan_run(config_path: str | os.PathLike | None, overrides: Mapping[str, Any]
     # the data stage's own folder: <output>-<hash of its inputs + config> (a URI keeps its query)
     head, query = split_query(data.output)
     data = dataclasses.replace(data, output=f"{head.rstrip('/')}-{cache_key(data, units.fingerprint)[:12]}{query}")
-    table = PretrainConfig.table_from_raw(raw)
-    for key in ("data", "tokenizer"):  # wired to the data stage's output by the DAG
-        if table.get(key):
-            raise ConfigError(f"pretrain.{key}: cloze run trains on its own data stage's output; drop this key")
-    model = dict(table.get("model", {"preset": "tiny"}))
-    if not table.get("init_from"):
-        model.setdefault("max_position_embeddings", max(512, data.max_seq_len))
-        table["model"] = model
-    table["data"] = data.output  # checked against the manifest when the stage runs
-    pre = PretrainConfig.from_dict(table)
+    pre = plan_pretrain(raw, data)
     if pre.max_seq_len and pre.max_seq_len != data.max_seq_len:
         raise ConfigError(f"pretrain.max_seq_len = {pre.max_seq_len} disagrees with data.max_seq_len = "
                           f"{data.max_seq_len}: set it in [data] only")
@@ -165,6 +155,22 @@ def plan_score(raw: dict, pre, fine, list_input: bool = True) -> dict | None:
     if list_input:
         list_inputs(table["input"], table.get("input_format", ""))
     return table
+
+
+def plan_pretrain(raw: dict, data) -> Any:
+    """The [pretrain] and [model] tables as a PretrainConfig that trains on the data stage's
+    output (`data.output`; checked against its manifest when the stage runs)."""
+    from .pretrain import PretrainConfig
+
+    table = PretrainConfig.table_from_raw(raw)
+    for key in ("data", "tokenizer"):  # wired to the data stage's output by the DAG
+        if table.get(key):
+            raise ConfigError(f"pretrain.{key}: cloze run trains on its own data stage's output; drop this key")
+    model = dict(table.get("model", {"preset": "tiny"}))
+    if not table.get("init_from"):
+        model.setdefault("max_position_embeddings", max(512, data.max_seq_len))
+        table["model"] = model
+    return PretrainConfig.from_dict({**table, "data": data.output})
 
 
 def plan_finetune(raw: dict, pre) -> Any:
