@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .config import ConfigError, apply_overrides, load_toml
+from .report import stage_headline
 from .stages import (answer_line, data_stage, deploy_stage, evaluate_stage, finetune_stage, logged, pretrain_stage,
                      request, sample_text, score_stage)
 
@@ -227,31 +228,6 @@ def launch_dag(plan: RunPlan, logs: str | None = None) -> dict[str, Any]:
     return refs
 
 
-def _headline(name: str, out: dict) -> str:
-    """One stage's figure for its console line."""
-    if name == "data":
-        m = out["manifest"]
-        return f"{sum(m.get('examples', {}).values()) if isinstance(m.get('examples'), dict) else m.get('examples')} examples"
-    if name == "pretrain":
-        ev = out.get("evals") or []
-        acc = [e for e in ev if "eval/mlm/acc" in e]
-        return (f"held-out MLM acc {acc[0]['eval/mlm/acc']:.3f} -> {acc[-1]['eval/mlm/acc']:.3f}" if acc else
-                f"loss {out.get('metrics', {}).get('loss', float('nan')):.3f}")
-    if name == "finetune":
-        return f"best dev F1 {out['dev_f1']:.3f}" if out.get("dev_f1") is not None else ""
-    if name == "deploy":
-        return f"{out['url']} (Ray Serve app {out['app']!r})"
-    if name == "score":
-        return f"{out['rows']} rows scored ({out['errors']} with an error)" + (
-            f", {out['rows_per_s']:.0f} rows/s on {out['actors']} actor(s)" if not out.get("skipped") else "")
-    if name == "evaluate":
-        if "f1" not in out:
-            return out.get("why", "")
-        return (f"test accuracy {out['accuracy']:.3f}, macro-F1 {out['macro_f1']:.3f}" if "accuracy" in out
-                else f"test entity F1 {out['f1']:.3f}")
-    return ""
-
-
 def run(config_path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None,
         log=print, force: str | bool | None = None, until: str | None = None, keep_serving: bool = False) -> dict:
     """Run the DAG; returns the pretrain stage's result (model_dir, metrics, evals, ...) with
@@ -300,7 +276,7 @@ def run(config_path: str | os.PathLike | None = None, overrides: Mapping[str, An
         status = f"done in {elapsed:.0f} s" if state == "done" else state
         if out.get("resumed"):
             status += " (resumed from its last checkpoint)"
-        log(f"cloze run: {name:<9} {status:<12} {_headline(name, out)}" + (f"  {where}" if where else ""))
+        log(f"cloze run: {name:<9} {status:<12} {stage_headline(name, out)}" + (f"  {where}" if where else ""))
         t0 = time.perf_counter()
         if name == "pretrain" and out.get("evals"):
             from .train.metrics import held_out_summary

@@ -211,14 +211,22 @@ def _quality_section(path: str) -> str:
                      "quality"))
 
 
-def _headline(name: str, out: dict) -> str:
+def stage_headline(name: str, out: dict) -> str:
+    """One stage's figure: its console line in `cloze run` and its row in the report. `out`
+    is the stage's result (a cached stage's too: the data stage's manifest may be on disk only)."""
     if name == "data":
-        manifest = read_bytes(join_path(out["data_dir"], "manifest.json"))
-        examples = json.loads(manifest).get("examples") if manifest else None
+        manifest = out.get("manifest")
+        if manifest is None:
+            raw = read_bytes(join_path(out["data_dir"], "manifest.json"))
+            manifest = json.loads(raw) if raw else {}
+        examples = manifest.get("examples")
         return f"{_num(sum(examples.values()) if isinstance(examples, dict) else examples)} examples" if examples else ""
     if name == "pretrain":
         acc = [e for e in out.get("evals") or [] if "eval/mlm/acc" in e]
-        return f"held-out MLM acc {acc[0]['eval/mlm/acc']:.3f} -> {acc[-1]['eval/mlm/acc']:.3f}" if acc else ""
+        if acc:
+            return f"held-out MLM acc {acc[0]['eval/mlm/acc']:.3f} -> {acc[-1]['eval/mlm/acc']:.3f}"
+        loss = (out.get("metrics") or {}).get("loss")
+        return f"loss {loss:.3f}" if loss is not None else ""
     if name == "finetune":
         return f"best dev F1 {out['dev_f1']:.3f}" if out.get("dev_f1") is not None else ""
     if name == "evaluate":
@@ -228,7 +236,12 @@ def _headline(name: str, out: dict) -> str:
     if name == "deploy":
         return f"{out.get('url', '')} (Ray Serve app {out.get('app', '')!r})"
     if name == "score":
-        return f"{_num(out.get('rows', 0))} rows scored ({_num(out.get('errors', 0))} with an error)"
+        line = f"{_num(out.get('rows', 0))} rows scored ({_num(out.get('errors', 0))} with an error)"
+        if out.get("rows_per_s") and not out.get("skipped"):
+            line += f", {out['rows_per_s']:.0f} rows/s on {out['actors']} actor(s)"
+        return line
+    if name != "request":
+        return ""
     answer = out.get("answer", {})
     first = (answer.get("results") or [answer])[0] if isinstance(answer, dict) else {}
     said = f"label: {first['label']}" if "label" in first else json.dumps(answer)[:80]
@@ -265,7 +278,7 @@ def write_report(results: dict, dest: str, quality: str | None = None) -> str:
         else:
             took = f"{walls[name]:.0f} s (training loop)" if walls.get(name) is not None else ""
         where = out.get("data_dir") if name == "data" else out.get("model_dir") or out.get("output") or out.get("run_dir") or ""
-        rows.append([name, status, took, _headline(name, out), where])
+        rows.append([name, status, took, stage_headline(name, out), where])
     title = "cloze run report"
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
             f"<style>{CSS}</style></head><body><h1>{_e(title)}</h1>"

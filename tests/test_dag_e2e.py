@@ -55,7 +55,12 @@ def _cloze_run_until_pretrain(overrides: dict, tmp_path: Path):
         args += [f"--{key}", json.dumps(value) if isinstance(value, list) else str(value)]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
     console = open(tmp_path / "console.txt", "w+")
-    return subprocess.Popen(args, env=env, start_new_session=True, stdout=console,
+    # A terminal's foreground job has Ctrl-C at its default; a test runner started in the
+    # background of a script (CI) ignores SIGINT, and a child inherits that (Python then
+    # installs no KeyboardInterrupt handler). Reset it, as a shell does for a foreground job.
+    as_foreground = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                     "os.execv(sys.argv[1], sys.argv[1:])"]
+    return subprocess.Popen(as_foreground + args, env=env, start_new_session=True, stdout=console,
                             stderr=subprocess.STDOUT), console
 
 
@@ -224,3 +229,30 @@ def test_a_killed_cloze_run_resumes_from_its_last_checkpoint(ray_cluster, tmp_pa
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), "a resumed run diverged"
 
+
+def test_ctrl_c_stops_cloze_run_with_exit_130_and_marks_nothing_done(ray_cluster, tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) during pretraining: the
+    command says so in one line and exits 130, no traceback; the stage is not marked done
+    and no model folder appears, so a rerun resumes it (the SIGKILL test above shows how)."""
+    import signal
+
+    corpus = _articles(tmp_path / "corpus", 48)
+    overrides = _overrides(tmp_path, corpus, **{"pretrain.max_steps": 400, "pretrain.checkpoint_every": 4})
+    proc, console = _cloze_run_until_pretrain(overrides, tmp_path)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if any(p.is_dir() for p in (tmp_path / "runs").glob("pretrain-*/checkpoint_00000004")):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before Ctrl-C: " + console.read()[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(90)
+    finally:
+        kill_tree(proc)
+    console.seek(0)
+    text = console.read()
+    assert rc == 130, text[-3000:]
+    assert "cloze run: interrupted; finished stages are kept" in text and "Traceback" not in text, text[-3000:]
+    run_dir = next((tmp_path / "runs").glob("pretrain-*"))
+    assert not (run_dir / "stage.json").exists() and not (run_dir / "model").exists()
