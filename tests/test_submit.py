@@ -1,6 +1,7 @@
 """`cloze submit` / `cloze jobs` against a real Ray cluster: `ray start --head` in its own temp
 dir and ports, bound to 127.0.0.1, with token authentication on. The cluster is this machine,
-so jobs use its Python (--use-cluster-env: no pip install of torch per test).
+so jobs use its Python (--use-cluster-env), except one that lets Ray build the pinned pip
+environment, as a real cluster does (every pin is found satisfied here: nothing downloaded).
 
 One small DAG is submitted and followed to completion while its Ray Train worker is SIGKILLed
 after a checkpoint: Ray Train restarts it from that checkpoint and the job still succeeds. A
@@ -279,6 +280,25 @@ def test_a_failing_job_shows_failed_and_its_error(cluster, work, cli):
     assert "encoder.config.ConfigError: use_gpu: 1 workers x 1.0 GPUs" in Path(stage_log).read_text()
     status, _, err = cli("jobs", "status", "cz-nope", *auth)
     assert status == 2 and "no job 'cz-nope'" in err
+
+
+def test_the_default_runtime_env_pip_installs_the_pins_and_the_job_runs_in_it(cluster, work):
+    """Without --use-cluster-env, as on a real cluster: Ray builds the job's pip environment
+    from cloze's pins (constraints.txt + pyproject) on the node and the job runs in it. The
+    node is this machine, whose Python already holds every pin, so pip finds them satisfied
+    (Ray's virtualenv sees the node's site-packages) and downloads nothing."""
+    auth = ["--address", cluster.address, "--token-file", str(cluster.token_file)]
+    out_dir = work / "data-pip"
+    sub = cloze(["submit", *auth, "--job-id", "cz-pip", "--", "data", "--config", str(work / "tiny.toml"),
+                 "--data.output", str(out_dir)], work / "home")
+    assert sub.returncode == 0 and "cloze submit: job cz-pip: SUCCEEDED" in sub.stdout, sub.stdout[-3000:] + sub.stderr
+    assert json.loads((out_dir / "manifest.json").read_text())["examples"]
+    r = requests.get(f"{cluster.address}/api/jobs/cz-pip", headers={"Authorization": f"Bearer {cluster.token}"},
+                     timeout=10)
+    pip = r.json()["runtime_env"]["pip"]
+    assert "torch==2.13.0" in pip["packages"] and any(p.startswith("-c ") for p in pip["packages"])
+    venvs = list((cluster.root / "ray").glob("session_*/runtime_resources/pip/*/virtualenv/bin/python"))
+    assert venvs, "Ray built no pip environment for the job"
 
 
 def test_stop_a_running_job(cluster, work, cli):
