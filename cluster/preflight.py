@@ -76,13 +76,11 @@ def check_run_tables(raw: Mapping[str, Any]) -> None:
     [serve]) built into its stage's dataclass without touching storage (ConfigError naming
     the key); what needs storage (the corpus, labeled files, the score input) is checked by
     the DAG on the cluster."""
-    from pipelines.dag import RUN_TABLES, plan_finetune, plan_pretrain, plan_score
+    from pipelines.dag import check_tables, plan_finetune, plan_pretrain, plan_score
     from pipelines.data.config import DataConfig
     from pipelines.serve_config import ServeConfig
 
-    unknown = sorted(set(raw) - set(RUN_TABLES))
-    if unknown:
-        raise ConfigError(f"unknown config table [{unknown[0]}]")
+    check_tables(raw)
     data = DataConfig.from_dict(raw.get("data", {}))
     pre = plan_pretrain(raw, data)
     fine = plan_finetune(dict(raw), pre)

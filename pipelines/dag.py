@@ -102,10 +102,7 @@ def plan_run(config_path: str | os.PathLike | None, overrides: Mapping[str, Any]
         value = raw.get(table, {}).get(key)
         if isinstance(value, str) and value and "://" not in value:
             raw[table][key] = str(Path(value).resolve())
-    unknown = sorted(set(raw) - set(RUN_TABLES))
-    if unknown:
-        raise ConfigError(f"unknown config table [{unknown[0]}] (cloze run reads [data], [model], [pretrain], "
-                          f"[finetune], [score], [serve])")
+    check_tables(raw)
     if until is not None and until not in STAGES:
         raise ConfigError(f"--until {until}: not a stage (choose from {', '.join(STAGES)})")
     data = DataConfig.from_dict(raw.get("data", {}))
@@ -130,6 +127,14 @@ def plan_run(config_path: str | os.PathLike | None, overrides: Mapping[str, Any]
         serve_cfg.check_model(fine.max_seq_len)
     return RunPlan(data=data, pretrain=pre, raw=raw, force=force_from("pretrain" if force is True else force),
                    finetune=fine, until=until or STAGES[-1], serve=serve_cfg, score=score)
+
+
+def check_tables(raw: Mapping[str, Any]) -> None:
+    """Refuse a config table `cloze run` does not read (a misspelled [pretrian] would be ignored)."""
+    unknown = sorted(set(raw) - set(RUN_TABLES))
+    if unknown:
+        raise ConfigError(f"unknown config table [{unknown[0]}] (cloze run reads "
+                          f"{', '.join(f'[{t}]' for t in RUN_TABLES)})")
 
 
 def plan_score(raw: dict, pre, fine, list_input: bool = True) -> dict | None:
