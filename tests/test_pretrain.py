@@ -47,6 +47,7 @@ def test_toml_and_overrides(tmp_path):
     ({"model": {**TINY, "hidden_sise": 3}}, "unknown config key model.hidden_sise"),
     ({"max_seq_len": 128}, "exceeds model.max_position_embeddings"),
     ({"num_workers": "two"}, "pretrain.num_workers: expected an integer"),
+    ({"max_steps": 10, "encoder_hold_steps": 11}, r"pretrain.encoder_hold_steps must be in \[0, max_steps\]"),
 ])
 def test_bad_config_names_the_key(table, match):
     with pytest.raises(ConfigError, match=match):
@@ -88,6 +89,8 @@ def test_schedule_warmup_then_decay():
     cos = WarmupDecay(warmup=0, total=10, decay="cosine", min_ratio=0.1)
     assert cos(0) == pytest.approx(1.0) and cos(5) == pytest.approx(0.55) and cos(10) == pytest.approx(0.1)
     assert WarmupDecay(2, 10, "constant", 0.0)(9) == 1.0
+    held = WarmupDecay(warmup=2, total=10, decay="linear", min_ratio=0.0, hold=4)  # 4 steps at 0, then (2, 6)'s shape
+    assert [held(s) for s in (0, 3, 4, 5, 8, 10)] == [0.0, 0.0, 0.5, 1.0, 0.5, 0.0]
 
 
 def test_no_weight_decay_on_layernorm_and_bias(tmp_path):

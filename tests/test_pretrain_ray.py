@@ -161,6 +161,21 @@ def test_continued_pretraining_from_an_exported_model(reference, data, runs):
     assert result.metrics["step"] == 3
 
 
+def test_encoder_hold_trains_only_the_heads(reference, data, runs):
+    """encoder_hold_steps: the shared encoder's lr is 0 while the heads train (ZeRO-2's flat
+    groups too), so after a run held for all its steps the encoder is the init's, bit for bit,
+    and the heads have moved; the logged lr (the encoder's group) is 0 for those steps."""
+    result = pretrain(make_config(data, runs, "held", init_from=reference.model_dir, model={}, zero_stage=2,
+                                  max_steps=2, encoder_hold_steps=2, checkpoint_every=0), progress=False)
+    assert [r["lr"] for r in read_metrics(result.run_dir)] == [0.0, 0.0]
+    before, after = weights(reference), weights(result)
+    encoder = [k for k in before if k.startswith("bert.")]
+    heads = [k for k in before if k.startswith("cls.predictions.transform.")]
+    assert len(encoder) > 20 and heads
+    assert all(torch.equal(before[k], after[k]) for k in encoder)
+    assert all(not torch.equal(before[k], after[k]) for k in heads)
+
+
 def test_bad_config_rejected_before_workers(ray_cluster, data, runs):
     cfg = make_config(data, runs, "too-many", num_workers=3, cpus_per_worker=1.0)
     with pytest.raises(ConfigError, match="CPUs, but the cluster has 2"):

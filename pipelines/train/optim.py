@@ -62,13 +62,19 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 class WarmupDecay:
     """lr multiplier at optimizer step s: linear warmup, then linear / cosine / no decay.
+    With `hold` > 0 the multiplier is 0 for the first `hold` steps and the schedule (warmup,
+    then decay to `total`) starts after them: a group held while fresh heads warm up.
 
     A class, not a lambda, so LambdaLR's state_dict (saved in checkpoints) carries it."""
 
-    def __init__(self, warmup: int, total: int, decay: str, min_ratio: float):
-        self.warmup, self.total, self.decay, self.min_ratio = warmup, total, decay, min_ratio
+    def __init__(self, warmup: int, total: int, decay: str, min_ratio: float, hold: int = 0):
+        self.warmup, self.total, self.decay, self.min_ratio = warmup, total - hold, decay, min_ratio
+        self.hold = hold
 
     def __call__(self, step: int) -> float:
+        if step < self.hold:
+            return 0.0
+        step -= self.hold
         if step < self.warmup:
             return (step + 1) / self.warmup
         if self.decay == "constant":
@@ -80,14 +86,17 @@ class WarmupDecay:
 
 def build_engine(model: torch.nn.Module, groups: list[dict], cfg: TrainConfig, ds_config: dict):
     """(engine, schedule): a client AdamW (no JIT-built DeepSpeed Adam) + LambdaLR, wrapped.
+    A group may carry `hold_steps`: its lr is 0 for that many steps (AdamW's decoupled weight
+    decay scales with lr, so those weights do not move), then its warmup + decay begins.
     The AdamW is torch's fused kernel (CPU and CUDA): one pass over each flat ZeRO partition
     instead of a loop of small ops, 9-11% of a fine-tuning step on CPU (BENCHMARKS)."""
     import deepspeed
 
     opt = cfg.optimizer
     optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps, fused=True)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupDecay(
-        opt.warmup_steps, cfg.max_steps, opt.decay, opt.min_lr_ratio))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, [
+        WarmupDecay(opt.warmup_steps, cfg.max_steps, opt.decay, opt.min_lr_ratio, hold=g.get("hold_steps", 0))
+        for g in groups])
     engine, _, _, schedule = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                   config=ds_config)
     return engine, schedule
