@@ -47,10 +47,10 @@ class PretrainConfig(TrainConfig):
     model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
     objectives: dict[str, float] = field(default_factory=lambda: {"mlm": 1.0})
     generator_fraction: float = 0.25  # ELECTRA generator size, with rtd
-    # steps at the start during which the shared encoder's lr is 0 and only the objective heads
-    # train: continuing a checkpoint (init_from) that lacks a head, whose fresh weights would
-    # otherwise send random gradients into a trained encoder; its warmup + decay start after
-    encoder_hold_steps: int = 0
+    # continuing a checkpoint (init_from) that lacks a head: its fresh weights would otherwise
+    # send random gradients into a trained encoder for the first steps
+    encoder_hold_steps: int = 0  # first steps with the encoder's lr at 0 (only heads train); its schedule starts after
+    head_lr: float = 0.0  # the objective heads' learning rate (fresh heads may want more); 0 = optimizer.lr
     max_seq_len: int = 0  # 0 = the manifest's (an explicit value must equal it)
     special_token_ids: tuple[int, ...] = ()  # (pad, unk, cls, sep, mask); () = the manifest's
     # dynamic masking (the collator draws masks per batch; shards written with static masks carry their own)
@@ -71,6 +71,7 @@ class PretrainConfig(TrainConfig):
             ("mask_prob", 0.0 < self.mask_prob < 1.0, "must be in (0, 1)"),
             ("max_predictions_per_seq", self.max_predictions_per_seq >= 0, "must be >= 0"),
             ("eval_shards", self.eval_shards >= 0, "must be >= 0"),
+            ("head_lr", self.head_lr >= 0, "must be >= 0"),
             ("encoder_hold_steps", 0 <= self.encoder_hold_steps <= self.max_steps,
              "must be in [0, max_steps] (max_steps: only the heads train)"),
             ("special_token_ids", len(self.special_token_ids) in (0, 5), "must be 5 ids (pad, unk, cls, sep, mask)"),
@@ -305,16 +306,19 @@ class PretrainTask(ShardTask):
         return MultiObjective(Encoder(cfg.encoder_config()), cfg.objectives, generator_fraction=cfg.generator_fraction)
 
     def param_groups(self, model) -> list[dict]:
-        """The core's groups; with encoder_hold_steps, the shared encoder's groups (listed first:
-        the core logs the first group's lr) carry `hold_steps` and the heads' do not."""
+        """The core's groups; with encoder_hold_steps or head_lr, the shared encoder's groups
+        (listed first: the core logs the first group's lr) carry `hold_steps` and the heads'
+        groups their own lr."""
         from .train.optim import param_groups
 
-        hold, decay = self.config.encoder_hold_steps, self.config.optimizer.weight_decay
-        if not hold:
+        cfg = self.config
+        decay = cfg.optimizer.weight_decay
+        if not (cfg.encoder_hold_steps or cfg.head_lr):
             return param_groups(model, decay)
-        encoder = [g | {"hold_steps": hold} for g in param_groups(model.encoder, decay)]
+        encoder = [g | {"hold_steps": cfg.encoder_hold_steps} for g in param_groups(model.encoder, decay)]
         mine = {id(p) for g in encoder for p in g["params"]}
-        heads = [g | {"params": [p for p in g["params"] if id(p) not in mine]} for g in param_groups(model, decay)]
+        heads = [g | {"params": [p for p in g["params"] if id(p) not in mine], "lr": cfg.head_lr or cfg.optimizer.lr}
+                 for g in param_groups(model, decay)]
         return encoder + [g for g in heads if g["params"]]
 
     def collator(self) -> PretrainCollator:

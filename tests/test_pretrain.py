@@ -106,6 +106,25 @@ def test_no_weight_decay_on_layernorm_and_bias(tmp_path):
     assert total == sum(p.numel() for p in model.parameters())  # the tied decoder counted once
 
 
+def test_held_encoder_and_head_lr_groups(tmp_path):
+    """encoder_hold_steps / head_lr split the groups: the shared encoder (and the MLM decoder,
+    tied to its word embeddings) holds; the heads get head_lr; every weight in exactly one group."""
+    data = synthetic_pair_shards(tmp_path, rows=16, shards=1, vocab_size=128)
+    task = resolve(config(objectives={"mlm": 1.0, "nsp": 1.0}, data=str(data), encoder_hold_steps=3, head_lr=1e-2))
+    model = task.build_model()
+    groups = task.param_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    encoder = [names[id(p)] for g in groups if g.get("hold_steps") == 3 for p in g["params"]]
+    heads = [names[id(p)] for g in groups if g.get("lr") == 1e-2 and "hold_steps" not in g for p in g["params"]]
+    assert len(groups) == 4 and all(n.startswith("encoder.") for n in encoder)
+    assert "encoder.embeddings.word_embeddings.weight" in encoder  # = the MLM decoder's weight
+    assert heads and all(n.startswith("objectives.") for n in heads)
+    assert sorted(encoder + heads) == sorted(names.values())
+    assert [g["weight_decay"] > 0 for g in groups] == [True, False, True, False]
+    plain = resolve(config(objectives={"mlm": 1.0, "nsp": 1.0}, data=str(data)))
+    assert [set(g) for g in plain.param_groups(model)] == [{"params", "weight_decay"}] * 2  # without: one schedule
+
+
 def test_batches_are_a_function_of_their_position(tmp_path):
     synthetic_pair_shards(tmp_path, rows=64, shards=2, vocab_size=128, max_len=21)
     task = resolve(config(mask_prob=0.5, data=str(tmp_path), batch_size_per_worker=8, num_workers=1))
