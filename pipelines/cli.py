@@ -85,7 +85,7 @@ def _pretrain_help() -> str:
 
 
 def _finetune_help() -> str:
-    from .finetune import FinetuneConfig
+    from .finetune_config import FinetuneConfig
 
     return _table_help(FinetuneConfig, "finetune")
 

@@ -46,7 +46,7 @@ class RunPlan:
     pretrain: Any  # pipelines.pretrain.PretrainConfig (data wired to the data stage's output)
     raw: dict
     force: tuple[str, ...] = ()  # stages redone even if finished (one and everything downstream)
-    finetune: Any = None  # pipelines.finetune.FinetuneConfig (init wired to pretrain's model); None: no [finetune]
+    finetune: Any = None  # pipelines.finetune_config.FinetuneConfig (init wired to pretrain's model); None: no [finetune]
     until: str = STAGES[-1]  # the last stage run
     serve: Any = None  # pipelines.serve_config.ServeConfig of the deploy stage
     score: dict | None = None  # the [score] table (model and output wired by the DAG); None: no score stage
@@ -182,7 +182,7 @@ def plan_pretrain(raw: dict, data) -> Any:
 def plan_finetune(raw: dict, pre) -> Any:
     """The [finetune] table as a FinetuneConfig whose init is the pretrain stage's model (set
     when that stage has run); its run folders go beside pretraining's."""
-    from .finetune import FinetuneConfig
+    from .finetune_config import FinetuneConfig
 
     table = dict(raw.get("finetune", {}))
     if not table:
