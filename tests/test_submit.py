@@ -87,8 +87,7 @@ def cluster():
         deadline = time.monotonic() + 90
         while True:  # up when the job API answers an authenticated request
             try:
-                r = requests.get(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=5)
-                if r.status_code == 200:
+                if _job_api(address, token, "", timeout=5).status_code == 200:
                     break
             except requests.RequestException:
                 pass
@@ -201,8 +200,13 @@ def cli(monkeypatch, capsys, work):
     return run
 
 
+def _job_api(address: str, token: str, job: str, timeout: float = 10):
+    """GET the job server's /api/jobs/<job> with the cluster's token ("" = the list)."""
+    return requests.get(f"{address}/api/jobs/{job}", headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
+
+
 def _jobs(cluster: Cluster) -> dict[str, str]:
-    r = requests.get(f"{cluster.address}/api/jobs/", headers={"Authorization": f"Bearer {cluster.token}"}, timeout=10)
+    r = _job_api(cluster.address, cluster.token, "")
     return {j["submission_id"]: j["status"] for j in r.json() if j.get("submission_id")}
 
 
@@ -293,8 +297,7 @@ def test_the_default_runtime_env_pip_installs_the_pins_and_the_job_runs_in_it(cl
                  "--data.output", str(out_dir)], work / "home")
     assert sub.returncode == 0 and "cloze submit: job cz-pip: SUCCEEDED" in sub.stdout, sub.stdout[-3000:] + sub.stderr
     assert json.loads((out_dir / "manifest.json").read_text())["examples"]
-    r = requests.get(f"{cluster.address}/api/jobs/cz-pip", headers={"Authorization": f"Bearer {cluster.token}"},
-                     timeout=10)
+    r = _job_api(cluster.address, cluster.token, "cz-pip")
     pip = r.json()["runtime_env"]["pip"]
     assert "torch==2.13.0" in pip["packages"] and any(p.startswith("-c ") for p in pip["packages"])
     venvs = list((cluster.root / "ray").glob("session_*/runtime_resources/pip/*/virtualenv/bin/python"))
