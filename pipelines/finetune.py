@@ -95,18 +95,14 @@ class FinetuneTask(ShardTask):
         return Classify(self.classifier())
 
     def param_groups(self, model) -> list[dict]:
-        """Encoder at optimizer.lr, the classifier head at head_lr; no decay on 1-d tensors."""
+        """Encoder at optimizer.lr, the classifier head at head_lr; no decay on 1-d tensors.
+        The pooler belongs to the head (BERT's classification head uses it)."""
+        from .train.optim import param_groups
+
         cfg = self.config
-        head_lr = cfg.head_lr or cfg.optimizer.lr
-        groups: dict[tuple[bool, bool], list] = {}
-        for name, p in model.named_parameters():
-            if p.requires_grad:  # the pooler belongs to the head (BERT's classification head uses it)
-                encoder = ".encoder." in f".{name}" and ".pooler." not in f".{name}"
-                groups.setdefault((encoder, p.ndim >= 2), []).append(p)
-        # encoder groups first: the core logs the first group's lr
-        return [{"params": ps, "weight_decay": cfg.optimizer.weight_decay if matrix else 0.0,
-                 "lr": cfg.optimizer.lr if enc else head_lr}
-                for (enc, matrix), ps in sorted(groups.items(), reverse=True)]
+        return param_groups(model, cfg.optimizer.weight_decay,
+                            is_encoder=lambda name: ".encoder." in f".{name}" and ".pooler." not in f".{name}",
+                            encoder={"lr": cfg.optimizer.lr}, head={"lr": cfg.head_lr or cfg.optimizer.lr})
 
     def batch_maker(self, rank: int):
         pad, task, hidden = self.encoder_config.pad_token_id, self.config.task, self.encoder_config.hidden_size

@@ -307,19 +307,15 @@ class PretrainTask(ShardTask):
 
     def param_groups(self, model) -> list[dict]:
         """The core's groups; with encoder_hold_steps or head_lr, the shared encoder's groups
-        (listed first: the core logs the first group's lr) carry `hold_steps` and the heads'
-        groups their own lr."""
+        carry `hold_steps` and the heads' groups their own lr."""
         from .train.optim import param_groups
 
         cfg = self.config
-        decay = cfg.optimizer.weight_decay
         if not (cfg.encoder_hold_steps or cfg.head_lr):
-            return param_groups(model, decay)
-        encoder = [g | {"hold_steps": cfg.encoder_hold_steps} for g in param_groups(model.encoder, decay)]
-        mine = {id(p) for g in encoder for p in g["params"]}
-        heads = [g | {"params": [p for p in g["params"] if id(p) not in mine], "lr": cfg.head_lr or cfg.optimizer.lr}
-                 for g in param_groups(model, decay)]
-        return encoder + [g for g in heads if g["params"]]
+            return param_groups(model, cfg.optimizer.weight_decay)
+        return param_groups(model, cfg.optimizer.weight_decay, is_encoder=lambda name: name.startswith("encoder."),
+                            encoder={"hold_steps": cfg.encoder_hold_steps},
+                            head={"lr": cfg.head_lr or cfg.optimizer.lr})
 
     def collator(self) -> PretrainCollator:
         cfg = self.config

@@ -50,14 +50,19 @@ def deepspeed_config(cfg: TrainConfig, hidden_size: int) -> dict:
     return fill(template, "")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, is_encoder=None, encoder: dict | None = None,
+                 head: dict | None = None) -> list[dict]:
     """Weight decay on matrices only: LayerNorm weights and biases (all 1-d tensors) get none.
-    Frozen parameters (requires_grad False) are left out."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():  # tied weights are listed once
+    Frozen parameters (requires_grad False) are left out. With `is_encoder(name)`, the
+    encoder's groups (first: the core logs the first group's lr) carry the keys of `encoder`
+    and the rest the keys of `head` (e.g. their own "lr", or the schedule's "hold_steps")."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():  # tied weights are listed once
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups.setdefault((is_encoder is None or is_encoder(name), p.ndim >= 2), []).append(p)
+    extra = {True: encoder or {}, False: head or {}}
+    return [{"params": ps, "weight_decay": weight_decay if matrix else 0.0, **extra[enc]}
+            for (enc, matrix), ps in sorted(groups.items(), key=lambda kv: kv[0], reverse=True)]
 
 
 class WarmupDecay:
