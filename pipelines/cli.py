@@ -49,7 +49,7 @@ def split_overrides(rest: list[str]) -> dict[str, Any]:
     return out
 
 
-def _table_help(cls, table: str) -> str:
+def table_help(cls, table: str) -> str:
     """Every option of a config table, its default and its comment in the source."""
     lines = [f"options of the [{table}] table (override with --{table}.KEY VALUE):", ""]
     docs = _field_comments(cls)
@@ -72,7 +72,7 @@ def _table_help(cls, table: str) -> str:
 def _data_help() -> str:
     from .data.config import DataConfig
 
-    return _table_help(DataConfig, "data")
+    return table_help(DataConfig, "data")
 
 
 def _pretrain_help() -> str:
@@ -80,7 +80,7 @@ def _pretrain_help() -> str:
 
     from .pretrain import PretrainConfig
 
-    return (_table_help(PretrainConfig, "pretrain") + "\n\n[model] table: --model.preset "
+    return (table_help(PretrainConfig, "pretrain") + "\n\n[model] table: --model.preset "
             f"({' | '.join(PRESETS)}) or any transformers BertConfig field, e.g. --model.hidden_size 256")
 
 

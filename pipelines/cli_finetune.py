@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cli import _table_help
+from .cli import table_help
 from .config import ConfigError
 
 
@@ -96,7 +96,7 @@ def add_commands(sub) -> None:
     from .finetune_config import FinetuneConfig
 
     fine = sub.add_parser("finetune", help="fine-tune a sequence or token (NER) classifier",
-                          description=FINETUNE_DESCRIPTION, epilog=_table_help(FinetuneConfig, "finetune"),
+                          description=FINETUNE_DESCRIPTION, epilog=table_help(FinetuneConfig, "finetune"),
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     fine.add_argument("--train", metavar="FILE", help="labeled training file (or --task-name)")
     fine.add_argument("--dev", metavar="FILE", help="labeled dev file (default: 10%% of train, stratified)")

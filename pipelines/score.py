@@ -365,10 +365,10 @@ def cmd_score(args, overrides: dict[str, Any]) -> int:
 
 
 def add_command(subparsers) -> None:
-    from .cli import _table_help
+    from .cli import table_help
 
     p = subparsers.add_parser("score", help="score a table with a classifier (Ray Data, autoscaled actor pool)",
-                              description=DESCRIPTION, epilog=_table_help(ScoreConfig, "score"),
+                              description=DESCRIPTION, epilog=table_help(ScoreConfig, "score"),
                               formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     p.add_argument("--model", metavar="DIR", help="the classifier folder (sets score.model)")
     p.add_argument("--input", metavar="PATH", help="file or folder (CSV / JSONL / Parquet), local or URI (sets score.input)")

@@ -303,9 +303,9 @@ def cmd_serve(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
 
 def _options_help() -> str:
-    from .cli import _table_help
+    from .cli import table_help
 
-    return _table_help(ServeConfig, "serve")
+    return table_help(ServeConfig, "serve")
 
 
 def add_command(subparsers) -> None:
