@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 
 import numpy as np
 
@@ -218,6 +219,21 @@ def report_markdown(report: dict, title: str) -> str:
         for label, s in report["per_class"].items():
             lines.append(f"| {cell(label)} | {s['precision']:.4f} | {s['recall']:.4f} | {s['f1']:.4f} | {s['support']} |")
     return "\n".join(lines) + "\n"
+
+
+def label_rows_by_init(results: list[dict]) -> list[dict]:
+    """A row name that several starting points share (e.g. `large-ft` for two larger budgets)
+    becomes one row per starting point, "row (model)", so that a cell never mixes models. The
+    model is named by its folder (the run folder for a `.../model`)."""
+    inits: dict[str, set] = {}
+    for r in results:
+        inits.setdefault(r["row"], set()).add(r.get("init"))
+
+    def name(init) -> str:
+        path = Path(str(init))
+        return path.parent.name if path.name == "model" and path.parent.name else path.name
+
+    return [{**r, "row": f"{r['row']} ({name(r.get('init'))})"} if len(inits[r["row"]]) > 1 else r for r in results]
 
 
 def select_by_dev(results: list[dict]) -> list[dict]:

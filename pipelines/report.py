@@ -199,9 +199,9 @@ def _quality_section(path: str) -> str:
     body = read_bytes(path)
     if body is None:
         return f'<p class="note">no learning-quality results at {_e(path)}</p>'
-    from .quality import quality_cells
+    from .quality import label_rows_by_init, quality_cells
 
-    results = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+    results = label_rows_by_init([json.loads(line) for line in body.decode().splitlines() if line.strip()])
     rows = list(dict.fromkeys(r["row"] for r in results))
     columns = list(dict.fromkeys(r["column"] for r in results))
     cells = quality_cells(results)
