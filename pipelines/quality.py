@@ -224,14 +224,15 @@ def report_markdown(report: dict, title: str) -> str:
 def label_rows_by_init(results: list[dict]) -> list[dict]:
     """A row name that several starting points share (e.g. `large-ft` for two larger budgets)
     becomes one row per starting point, "row (model)", so that a cell never mixes models. The
-    model is named by its folder (the run folder for a `.../model`)."""
+    model is named by its path (the run folder's for a `.../model`): two runs' `model` folders
+    must not share a name."""
     inits: dict[str, set] = {}
     for r in results:
         inits.setdefault(r["row"], set()).add(r.get("init"))
 
     def name(init) -> str:
         path = Path(str(init))
-        return path.parent.name if path.name == "model" and path.parent.name else path.name
+        return str(path.parent) if path.name == "model" and path.parent.name else str(path)
 
     return [{**r, "row": f"{r['row']} ({name(r.get('init'))})"} if len(inits[r["row"]]) > 1 else r for r in results]
 

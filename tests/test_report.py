@@ -136,11 +136,11 @@ def folders(tmp_path_factory) -> dict[str, str]:
     quality.write_text("".join(json.dumps({"row": row, "column": col, "seed": seed, "metric": m}) + "\n"
                                for row, col, seed, m in [("random", "bbc-topic-10", 1, 0.41), ("random", "bbc-topic-10", 2, 0.45),
                                                          ("cloze-ft", "bbc-topic-10", 1, 0.62), ("cloze-ft", "movie-sentiment", 1, 0.7)])
-                       # one row name, two starting points (two larger budgets): two rows, never one mixed cell
+                       # one row name, two starting points (two runs of one name): two rows, never one mixed cell
                        + "".join(json.dumps({"row": "large-ft", "column": "bbc-topic-10", "seed": seed, "metric": m,
                                              "init": init, "dev_f1": dev}) + "\n"
                                  for seed, m, init, dev in [(1, 0.8, "runs/pretrain-a/model", 0.9),
-                                                            (1, 0.9, "runs/pretrain-b/model", 0.1),
+                                                            (1, 0.9, "/tmp/old/pretrain-a/model", 0.1),
                                                             (2, 0.7, "runs/pretrain-a/model", 0.9)]))
     return {"base": str(base), "pretrain": str(base / "pretrain"), "finetune": str(base / "finetune"),
             "evaluate": str(base / "finetune" / "evaluate"), "data": str(base / "data"), "quality": str(quality)}
@@ -206,8 +206,8 @@ def test_report_plots_tables_and_escaping(folders, report):
     assert quality["starting point"] == ["bbc-topic-10", "movie-sentiment"]
     assert quality["random"] == ["0.430 [0.410-0.450] (n=2)", "not run"]
     assert quality["cloze-ft"] == ["0.620 [0.620-0.620] (n=1)", "0.700 [0.700-0.700] (n=1)"]
-    assert quality["large-ft (pretrain-a)"] == ["0.750 [0.700-0.800] (n=2)", "not run"]
-    assert quality["large-ft (pretrain-b)"] == ["0.900 [0.900-0.900] (n=1)", "not run"]
+    assert quality["large-ft (runs/pretrain-a)"] == ["0.750 [0.700-0.800] (n=2)", "not run"]
+    assert quality["large-ft (/tmp/old/pretrain-a)"] == ["0.900 [0.900-0.900] (n=1)", "not run"]
     assert "large-ft" not in quality
 
 
