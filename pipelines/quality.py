@@ -224,8 +224,8 @@ def report_markdown(report: dict, title: str) -> str:
 def label_rows_by_init(results: list[dict]) -> list[dict]:
     """A row name that several starting points share (e.g. `large-ft` for two larger budgets)
     becomes one row per starting point, "row (model)", so that a cell never mixes models. The
-    model is named by its path (the run folder's for a `.../model`): two runs' `model` folders
-    must not share a name."""
+    model is named by its path (the run folder's for a `.../model`), so two models of one
+    folder name (`runs/abl-mlm/model`, `/tmp/s7/abl/abl-mlm/model`) stay apart."""
     inits: dict[str, set] = {}
     for r in results:
         inits.setdefault(r["row"], set()).add(r.get("init"))
