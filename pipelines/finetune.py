@@ -34,6 +34,9 @@ from .storage import join_path, read_bytes, write_atomic
 from .train import TrainResult, fit
 from .train.task import ShardTask
 
+# a frozen run keeps its dev features in memory up to this much a worker (past it, recomputed)
+FROZEN_EVAL_CACHE_BYTES = 2 << 30
+
 # ------------------------------------------------------------------ the model
 
 class Classify(torch.nn.Module):
@@ -45,7 +48,10 @@ class Classify(torch.nn.Module):
 
     def forward(self, batch: dict):
         """ObjectiveOutput(loss, metrics) with labels; the classifier's output (logits) without.
-        A batch of cached frozen features (`pipelines.features`) goes through the head only."""
+        A batch of cached frozen features (`pipelines.features`) goes through the head only;
+        `features_only` returns the encoder's part alone (what frozen mode caches)."""
+        if batch.get("features_only"):
+            return self.model.features(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
         if "features" in batch:
             out = self.model.head(batch["features"], batch.get("attention_mask"), batch.get("labels"))
         else:
@@ -67,6 +73,7 @@ class FinetuneTask(ShardTask):
         # frozen mode trains on cached features; its encoder (random ones too) is a saved folder
         self.encoder_folder = encoder_folder or (cfg.init if cfg.init != "random" else "")
         self.cached = cfg.mode == "frozen"
+        self.eval_features: dict[int, tuple] = {}  # frozen: id(split) -> (split, {batch: its encoder features})
         self.columns = ["features", "labels", "length"] if self.cached else ["input_ids", "token_type_ids", "labels"]
 
     def input_paths(self) -> list[str]:
@@ -141,7 +148,7 @@ class FinetuneTask(ShardTask):
                 idx = part or [0]  # a rank short of examples runs one more forward, discarded
                 batch = pad_batch([split.input_ids[i] for i in idx], [split.token_type_ids[i] for i in idx],
                                   self.encoder_config.pad_token_id)
-                best = model({k: v.to(device) for k, v in batch.items()}).logits.argmax(-1).cpu()
+                best = self._logits(model, split, b, {k: v.to(device) for k, v in batch.items()}).argmax(-1).cpu()
                 for j, i in enumerate(part):
                     if self.config.task == "sequence":
                         preds[i] = self.labels[int(best[j])]
@@ -153,6 +160,27 @@ class FinetuneTask(ShardTask):
             torch.distributed.all_gather_object(gathered, preds)
             preds = {k: v for part in gathered for k, v in part.items()}
         return [preds[i] for i in range(len(split.input_ids))]
+
+    def _logits(self, model, split: Split, b: int, batch: dict) -> torch.Tensor:
+        """The logits of eval batch `b`. A frozen encoder never moves, so in frozen mode its
+        features of each eval batch are computed at the first evaluation and kept (in memory,
+        up to FROZEN_EVAL_CACHE_BYTES a worker); later evaluations run the head only, which is
+        the whole model's computation: `forward` is `head(features(x))`."""
+        if not self.cached:
+            return model(batch).logits
+        held, memo = self.eval_features.get(id(split), (None, {}))
+        if held is not split:  # a split first seen (an id can be reused once its object is gone)
+            memo = {}
+            self.eval_features[id(split)] = (split, memo)
+        if b not in memo:
+            feats = model({**batch, "features_only": True})
+            used = sum(f.numel() * f.element_size() for f, _ in memo.values())
+            if used + feats.numel() * feats.element_size() > FROZEN_EVAL_CACHE_BYTES:
+                return model({"features": feats, "attention_mask": batch["attention_mask"]}).logits
+            memo[b] = (feats.cpu(), batch["attention_mask"].cpu())
+        device = batch["input_ids"].device
+        feats, mask = memo[b]
+        return model({"features": feats.to(device), "attention_mask": mask.to(device)}).logits
 
     def evaluate(self, model, rank: int, world: int, device) -> dict[str, float]:
         report = scores(self.config.task, self.dev.gold, self.predict(model, self.dev, rank, world, device),

@@ -231,6 +231,25 @@ def test_frozen_mode_trains_only_the_head(ray_cluster, tiny_init, topics, tmp_pa
         assert torch.allclose(torch.tensor(cached[i]["features"]), feats, atol=1e-5)
 
 
+def test_frozen_dev_scores_under_zero3_are_the_exported_models(ray_cluster, tiny_init, topics, tmp_path):
+    """Frozen mode scores dev on features kept from its first evaluation (2 workers, ZeRO-3:
+    every rank still runs the same forwards). The dev F1 it selected the export by is the one
+    the exported model, encoder and all, gets on that file with `cloze evaluate`."""
+    from pipelines.cli import main
+    from pipelines.finetune import finetune
+
+    out = tmp_path / "frozen3"
+    result = finetune(config(tmp_path, train=topics["train"], dev=topics["test"], init=tiny_init, mode="frozen",
+                             zero_stage=3, max_steps=6, checkpoint_every=2, output=str(out),
+                             optimizer={"lr": 2e-3, "warmup_steps": 1}, head_lr=0.05), progress=False)
+    evals = (Path(result.train.run_dir) / "eval.csv").read_text().splitlines()
+    assert len(evals) >= 4  # steps 0 (or 2), 2, 4, 6: the later ones ran on the kept features
+    dev = json.loads((out / "cloze.json").read_text())["metadata"]["dev_metrics"]
+    assert main(["evaluate", "--model", str(out), "--test", topics["test"], "--output", str(tmp_path / "ev3")]) == 0
+    report = json.loads((tmp_path / "ev3" / "eval.json").read_text())
+    assert report["examples"] == 40 and report["f1"] == pytest.approx(dev["eval/f1"], abs=1e-9)
+
+
 def test_token_classifier_on_conll_exports_and_agrees_with_transformers(ray_cluster, tiny_init, tmp_path):
     import transformers
 
